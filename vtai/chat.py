@@ -1,0 +1,157 @@
+"""The Chainlit side of VT.ai: what each handler in main.py does.
+
+Per-chat state lives in cl.user_session; process-wide services are built at app start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import chainlit as cl
+from chainlit.input_widget import Select
+
+from vtai import models, quota, users
+from vtai.services import Services
+from vtai.settings import load_settings
+from vtai.turn import TurnRequest
+
+log = logging.getLogger(__name__)
+
+_services: Services | None = None
+
+
+def services() -> Services:
+    if _services is None:
+        raise RuntimeError("VT.ai services are not started")
+    return _services
+
+
+async def startup() -> None:
+    global _services
+    if _services is None:
+        _services = await Services.start(load_settings())
+
+
+async def shutdown() -> None:
+    global _services
+    if _services is not None:
+        await _services.stop()
+        _services = None
+
+
+async def login(username: str, password: str) -> cl.User | None:
+    s = services()
+    profile = await users.authenticate(s.db.pool, username, password, s.throttle)
+    if profile is None:
+        return None
+    return cl.User(
+        identifier=profile.username,
+        metadata={"id": str(profile.id), "tier": profile.tier, "is_admin": profile.is_admin},
+    )
+
+
+def _user_id() -> uuid.UUID:
+    user = cl.user_session.get("user")
+    return uuid.UUID(user.metadata["id"])
+
+
+async def _quota_line() -> str:
+    usage = await services().gate.usage(_user_id())
+    if usage is None:
+        return "Your account no longer exists: sign in again or ask the administrator."
+    return quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
+
+
+async def start() -> None:
+    s = services()
+    offered = models.available_models(s.settings.model)
+    cl.user_session.set("history", [])
+    cl.user_session.set("model", offered[0])
+    await cl.ChatSettings(
+        [Select(id="model", label="Model", values=offered, initial_index=0)]
+    ).send()
+
+
+async def settings_update(values: dict) -> None:
+    model = values.get("model")
+    if model:
+        cl.user_session.set("model", model)
+
+
+async def show_usage() -> None:
+    usage = await services().gate.usage(_user_id())
+    if usage is None:
+        await cl.Message(content=await _quota_line()).send()
+        return
+    lines = [
+        f"**Usage this {services().settings.usage_period}**",
+        f"`{quota.bar(usage.used, usage.token_limit)}`",
+        quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at),
+    ]
+    await cl.Message(content="\n\n".join(line for line in lines if line.strip("`"))).send()
+
+
+def _attachment_notice(message: cl.Message) -> str | None:
+    names = [e.name for e in (message.elements or [])]
+    if not names:
+        return None
+    return (
+        f"Attachments are not read by the model yet, so {', '.join(names)} "
+        "was not sent: paste the text into your message instead."
+    )
+
+
+async def message(message: cl.Message) -> None:
+    text = message.content or ""
+    if text.strip() == "/usage":
+        await show_usage()
+        return
+    notice = _attachment_notice(message)
+    if notice:
+        await cl.Message(content=notice).send()
+        if not text.strip():
+            return
+    await run_turn(text)
+
+
+async def run_turn(text: str) -> None:
+    s = services()
+    reply = cl.Message(content="")
+    outcome = await s.runner.run(
+        TurnRequest(
+            user_id=_user_id(),
+            session_id=cl.context.session.thread_id,
+            model=cl.user_session.get("model") or s.settings.model,
+            history=cl.user_session.get("history") or [],
+            text=text,
+        ),
+        on_token=reply.stream_token,
+    )
+    cl.user_session.set("history", outcome.history)
+    if outcome.kind == "answered":
+        grant, used = outcome.grant, outcome.usage.get("total_tokens", 0)
+        if grant and grant.tier:
+            # Display only: the counter itself is settled by the ledger write.
+            line = quota.describe(grant.tier, grant.used + used, grant.token_limit, grant.resets_at)
+            reply.content = f"{reply.content}\n\n---\n*{line}*"
+        if outcome.notice:
+            reply.content = f"*{outcome.notice}*\n\n{reply.content}"
+        await reply.send()
+        return
+    if outcome.kind == "failed":
+        cl.user_session.set("retry_text", text)
+        body = f"{outcome.reply}\n\n---\n{outcome.notice}" if outcome.reply else outcome.notice
+        reply.content = body
+        reply.actions = [cl.Action(name="retry", payload={}, label="Retry")]
+        await reply.send()
+        return
+    reply.content = outcome.notice or ""
+    await reply.send()
+
+
+async def retry(action: cl.Action) -> None:
+    text = cl.user_session.get("retry_text")
+    await action.remove()
+    if text:
+        await run_turn(text)

@@ -1,0 +1,188 @@
+"""The `vtai` command: users, usage and the spool, against the same database as the app.
+
+Every failure is one line on stderr and a non-zero exit; no stack traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+from vtai import quota, users
+from vtai.db import Database, DatabaseError
+from vtai.gate import Gate
+from vtai.ledger import Ledger
+from vtai.settings import Settings, SettingsError, load_settings
+from vtai.spool import ReplayStopped, Spool
+
+
+class CliError(Exception):
+    pass
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if not args.password_stdin:
+        raise CliError("pass the password on standard input with --password-stdin")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password.strip():
+        raise CliError("the password is empty")
+    return password
+
+
+async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
+    db = await Database(settings, pool_size=2).open()
+    try:
+        return await work(db)
+    finally:
+        await db.close()
+
+
+async def user_add(settings: Settings, args: argparse.Namespace) -> int:
+    password = _read_password(args)
+
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            p = await users.create_user(conn, args.name, password, args.tier, args.admin)
+        print(f"created {p.username} ({p.tier}{', admin' if p.is_admin else ''})")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def user_tier(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            p = await users.set_tier(conn, args.name, args.tier)
+        print(f"{p.username} is now on the {p.tier} tier")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def user_password(settings: Settings, args: argparse.Namespace) -> int:
+    password = _read_password(args)
+
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            await users.set_password(conn, args.name, password)
+        print(f"password changed for {args.name}")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def user_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            found = await users.list_users(conn)
+        if not found:
+            print("no users yet: add one with `vtai user add NAME --password-stdin`")
+        for p in found:
+            print(f"{p.username:<24} {p.tier:<10} {'admin' if p.is_admin else ''}".rstrip())
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def usage(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        if args.verify:
+            rows = await db.pool.fetch("select * from public.vtai_verify_counters()")
+            if not rows:
+                print("ok: usage counters equal the ledger")
+                return 0
+            for r in rows:
+                print(
+                    f"mismatch: user {r['end_user']} period {r['period_start']:%Y-%m-%d}: "
+                    f"counter {r['counter_used']}, ledger {r['ledger_used']}"
+                )
+            return 1
+        if not args.name:
+            raise CliError("name a user (vtai usage NAME) or pass --verify")
+        async with db.pool.acquire() as conn:
+            profile = await users.require(conn, args.name)
+        gate = Gate(db.pool, settings.usage_period)
+        u = await gate.usage(profile.id)
+        print(f"{u.username}: {quota.describe(u.tier, u.used, u.token_limit, u.resets_at)}")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def spool_status(settings: Settings, args: argparse.Namespace) -> int:
+    status = Spool(settings.spool_dir).status()
+    print(
+        f"{status.waiting} row(s) waiting, {status.quarantined} quarantined "
+        f"(in {settings.spool_dir})"
+    )
+    return 0
+
+
+async def spool_replay(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
+        try:
+            r = await ledger.replay()
+        except ReplayStopped as exc:
+            raise CliError(f"replay stopped, the database stopped answering: {exc}") from None
+        print(
+            f"replayed {r.recorded} row(s), {r.duplicates} already recorded, "
+            f"{r.quarantined} quarantined"
+        )
+        return 0
+
+    return await _with_db(settings, work)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtai", description="Manage VT.ai users and usage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    user = sub.add_parser("user", help="manage accounts").add_subparsers(
+        dest="action", required=True
+    )
+    add = user.add_parser("add", help="create an account")
+    add.add_argument("name")
+    add.add_argument("--tier", default="free")
+    add.add_argument("--admin", action="store_true")
+    add.add_argument("--password-stdin", action="store_true")
+    add.set_defaults(run=user_add)
+    tier = user.add_parser("tier", help="change an account's tier")
+    tier.add_argument("name")
+    tier.add_argument("tier")
+    tier.set_defaults(run=user_tier)
+    pw = user.add_parser("password", help="set an account's password")
+    pw.add_argument("name")
+    pw.add_argument("--password-stdin", action="store_true")
+    pw.set_defaults(run=user_password)
+    user.add_parser("list", help="list accounts").set_defaults(run=user_list)
+
+    use = sub.add_parser("usage", help="a user's tokens this period, or --verify the counters")
+    use.add_argument("name", nargs="?")
+    use.add_argument("--verify", action="store_true")
+    use.set_defaults(run=usage)
+
+    spool = sub.add_parser("spool", help="rows waiting for the database").add_subparsers(
+        dest="action", required=True
+    )
+    spool.add_parser("status").set_defaults(run=spool_status)
+    spool.add_parser("replay").set_defaults(run=spool_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return asyncio.run(args.run(settings, args))
+    except (CliError, SettingsError, DatabaseError, users.UserError) as exc:
+        print(f"vtai: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The database connection: the configured URL or the embedded Postgres, migrated, pooled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from vtai import migrations
+from vtai.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the database is not answering", as opposed to a bad statement.
+UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+class DatabaseError(RuntimeError):
+    """The database can't be used; str() is one line saying why and what to do."""
+
+
+def describe_connect_error(url: str, exc: BaseException) -> str:
+    """One line for a failed connection that never echoes the password."""
+    host = urlsplit(url).hostname or "the database"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return f"the database at {host} rejected the user or password: check the URL's credentials"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"the database named in the URL does not exist on {host}"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return f"the database user lacks a privilege on {host}: {exc.args[0] if exc.args else ''}"
+    if isinstance(exc, OSError | asyncio.TimeoutError):
+        return f"cannot reach the database at {host}: is it running, and is the host/port right?"
+    return f"cannot use the database at {host}: {type(exc).__name__}"
+
+
+def _encode_json(value) -> str:
+    return json.dumps(value, default=str)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, encoder=_encode_json, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+def _pool_options(url: str) -> dict:
+    # Supabase's transaction pooler (port 6543) can't keep prepared statements.
+    port = urlsplit(url).port
+    return {"statement_cache_size": 0} if port == 6543 else {}
+
+
+async def connect(url: str, timeout: float = 10.0) -> asyncpg.Connection:
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout, **_pool_options(url))
+    except Exception as exc:
+        raise DatabaseError(describe_connect_error(url, exc)) from None
+    await _init_connection(conn)
+    return conn
+
+
+async def sync_tiers(conn: asyncpg.Connection, limits: dict[str, int]) -> None:
+    """Apply VTAI_LIMIT_* overrides to the tiers table, the one definition of the limits."""
+    for tier, limit in limits.items():
+        await conn.execute("update public.tiers set token_limit = $2 where name = $1", tier, limit)
+
+
+class Database:
+    """Owns the URL (starting the embedded server when none is set), the schema and the pool."""
+
+    def __init__(self, settings: Settings, pool_size: int = 10):
+        self.settings = settings
+        self.pool_size = pool_size
+        self.url: str | None = settings.database_url
+        self.pool: asyncpg.Pool | None = None
+        self._embedded = None
+
+    async def open(self, migrate: bool = True) -> Database:
+        if self.url is None:
+            from vtai import embedded_pg
+
+            try:
+                self._embedded = await asyncio.to_thread(embedded_pg.start, self.settings.data_dir)
+            except embedded_pg.EmbeddedPostgresError as exc:
+                raise DatabaseError(str(exc)) from None
+            self.url = self._embedded.url
+        if migrate:
+            conn = await connect(self.url)
+            try:
+                applied = await migrations.apply_pending(conn)
+                for m in applied:
+                    log.info("applied migration %s_%s", m.version, m.name)
+                await sync_tiers(conn, self.settings.tier_limits)
+            except asyncpg.PostgresError as exc:
+                raise DatabaseError(f"migration failed: {type(exc).__name__}: {exc}") from None
+            finally:
+                await conn.close()
+        try:
+            self.pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                init=_init_connection,
+                timeout=10,
+                command_timeout=30,
+                **_pool_options(self.url),
+            )
+        except Exception as exc:
+            raise DatabaseError(describe_connect_error(self.url, exc)) from None
+        return self
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+            self._embedded = None

@@ -1,0 +1,110 @@
+"""track_usage: reserve tokens against the user's tier limit before a model call.
+
+All arithmetic happens in `vtai_reserve()` (supabase/migrations/*_metering.sql), in one
+statement; this module only calls it and decides what to do when the database is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from vtai.db import UNAVAILABLE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Grant:
+    granted: bool
+    # granted | quota_exhausted | prompt_exceeds_quota | unknown_user | unavailable | open
+    reason: str
+    reservation_id: uuid.UUID | None = None
+    max_tokens: int = 0
+    tier: str | None = None
+    token_limit: int | None = None
+    used: int = 0
+    reserved: int = 0
+    period_start: datetime | None = None
+    resets_at: datetime | None = None
+
+    @property
+    def remaining(self) -> int | None:
+        if self.token_limit is None:
+            return None
+        return max(self.token_limit - self.used - self.reserved, 0)
+
+
+@dataclass(frozen=True)
+class Usage:
+    username: str
+    tier: str
+    token_limit: int | None
+    used: int
+    reserved: int
+    period_start: datetime
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> int | None:
+        if self.token_limit is None:
+            return None
+        return max(self.token_limit - self.used, 0)
+
+
+class Gate:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        period: str = "month",
+        ttl_seconds: int = 900,
+        fail_mode: str = "closed",
+        timeout: float = 5.0,
+    ):
+        self.pool = pool
+        self.period = period
+        self.ttl_seconds = ttl_seconds
+        self.fail_mode = fail_mode
+        self.timeout = timeout
+
+    async def reserve(
+        self,
+        user_id: uuid.UUID,
+        prompt_tokens: int,
+        max_completion: int,
+        now: datetime | None = None,
+    ) -> Grant:
+        try:
+            row = await self.pool.fetchrow(
+                "select * from public.vtai_reserve($1, $2, $3, $4, $5, coalesce($6, now()))",
+                user_id,
+                prompt_tokens,
+                max_completion,
+                self.period,
+                self.ttl_seconds,
+                now,
+                timeout=self.timeout,
+            )
+        except UNAVAILABLE as exc:
+            log.warning(
+                "usage database unavailable (%s); gate is %s", type(exc).__name__, self.fail_mode
+            )
+            if self.fail_mode == "open":
+                # Answered now, counted when the spooled row is replayed.
+                return Grant(True, "open", max_tokens=max_completion)
+            return Grant(False, "unavailable")
+        return Grant(**dict(row))
+
+    async def usage(self, user_id: uuid.UUID, now: datetime | None = None) -> Usage | None:
+        row = await self.pool.fetchrow(
+            "select * from public.vtai_usage($1, $2, coalesce($3, now()))",
+            user_id,
+            self.period,
+            now,
+            timeout=self.timeout,
+        )
+        return Usage(**dict(row)) if row else None

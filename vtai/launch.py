@@ -1,0 +1,110 @@
+"""`make run`: prepare the data dir, database and first admin, then serve the Chainlit app.
+
+Owns the embedded Postgres when it starts it, so Ctrl-C stops the app and then the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from vtai import users
+from vtai.db import Database, DatabaseError
+from vtai.settings import Settings, SettingsError, load_settings
+
+APP = Path(__file__).resolve().parent / "main.py"
+
+
+def ensure_auth_secret(data_dir: Path) -> str:
+    """CHAINLIT_AUTH_SECRET from the environment, else one generated once into the data dir."""
+    if os.environ.get("CHAINLIT_AUTH_SECRET"):
+        return os.environ["CHAINLIT_AUTH_SECRET"]
+    path = data_dir / "auth-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+async def ensure_admin(db: Database, settings: Settings) -> str | None:
+    """Create the first admin on a fresh database; returns its one-time password."""
+    async with db.pool.acquire() as conn:
+        if await users.any_admin(conn):
+            return None
+        password = os.environ.get("VTAI_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        await users.create_user(conn, settings.admin_username, password, "unlimited", True)
+        return password
+
+
+async def prepare(settings: Settings) -> tuple[Database, str | None]:
+    db = await Database(settings, pool_size=2).open()
+    password = await ensure_admin(db, settings)
+    await db.pool.close()
+    db.pool = None
+    return db, password
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+        os.environ["CHAINLIT_AUTH_SECRET"] = ensure_auth_secret(settings.data_dir)
+        db, password = asyncio.run(prepare(settings))
+    except (SettingsError, DatabaseError) as exc:
+        print(f"vtai: {exc}", file=sys.stderr)
+        return 2
+    host = os.environ.get("CHAINLIT_HOST", "127.0.0.1")
+    port = os.environ.get("CHAINLIT_PORT", "8000")
+    where = "embedded Postgres in " + str(settings.data_dir) if settings.embedded else "your DB"
+    print(f"\nVT.ai is starting on http://{host}:{port} ({where}).")
+    if password:
+        print(f"First run: log in as '{settings.admin_username}' with password: {password}")
+        print(
+            "This password is shown once. Change it: vtai user password "
+            f"{settings.admin_username} --password-stdin\n"
+        )
+    else:
+        print("Log in with an existing account (list them: .venv/bin/vtai user list).\n")
+    env = dict(os.environ)
+    # `chainlit run` reads CI=true as --ci and then plants a fake OPENAI_API_KEY.
+    env.pop("CI", None)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chainlit",
+            "run",
+            str(APP),
+            "--headless",
+            "--host",
+            host,
+            "--port",
+            port,
+        ],
+        env=env,
+    )
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        # The terminal sent SIGINT to the child too; give it time to shut down cleanly.
+        try:
+            return child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGTERM)
+            return child.wait()
+    finally:
+        asyncio.run(db.close())
+        if settings.embedded:
+            print("Stopped the embedded database.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Chainlit entry point: `chainlit run vtai/main.py`. Handlers only; the work is in vtai.chat."""
+
+import chainlit as cl
+
+from vtai import chat
+
+
+@cl.on_app_startup
+async def on_app_startup():
+    await chat.startup()
+
+
+@cl.on_app_shutdown
+async def on_app_shutdown():
+    await chat.shutdown()
+
+
+@cl.password_auth_callback
+async def on_login(username: str, password: str):
+    return await chat.login(username, password)
+
+
+@cl.on_chat_start
+async def on_chat_start():
+    await chat.start()
+
+
+@cl.on_settings_update
+async def on_settings_update(values: dict):
+    await chat.settings_update(values)
+
+
+@cl.on_message
+async def on_message(message: cl.Message):
+    await chat.message(message)
+
+
+@cl.action_callback("retry")
+async def on_retry(action: cl.Action):
+    await chat.retry(action)

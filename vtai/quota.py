@@ -1,0 +1,26 @@
+"""How a user's quota reads in the chat and in `vtai usage`: used / limit, left, reset."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+def _when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M UTC") if at else "never (lifetime quota)"
+
+
+def describe(tier: str, used: int, limit: int | None, resets_at: datetime | None) -> str:
+    if limit is None:
+        return f"{used:,} tokens used this period · {tier} tier (no limit)"
+    left = max(limit - used, 0)
+    return (
+        f"{used:,} / {limit:,} tokens used · {left:,} left · {tier} tier · "
+        f"resets {_when(resets_at)}"
+    )
+
+
+def bar(used: int, limit: int | None, width: int = 20) -> str:
+    if not limit:
+        return ""
+    filled = min(width, round(width * used / limit))
+    return "█" * filled + "░" * (width - filled)

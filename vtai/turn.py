@@ -1,0 +1,313 @@
+"""One chat turn: check the input, fit the context, reserve, stream the model, account.
+
+The success row is written by the LiteLLM callback (vtai.callback) after the reply is done.
+This module writes the rows LiteLLM can't see the right way: refusals, which never reach a
+model, and failed or stopped streams, which are charged for the tokens that were produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import litellm
+
+from vtai import errors, models
+from vtai.callback import META_KEY, ClaimedCalls, estimate_tokens
+from vtai.content import content_for_log
+from vtai.gate import Gate, Grant
+from vtai.ledger import Ledger, sanitize
+from vtai.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Below this many tokens of room for the answer, a turn is not worth starting.
+MIN_COMPLETION = 16
+# Reserve a little more than LiteLLM's count: providers tokenize prompts their own way.
+PROMPT_MARGIN = 1.15
+
+
+@dataclass
+class TurnRequest:
+    user_id: uuid.UUID
+    session_id: str
+    model: str
+    history: list[dict]
+    text: str
+
+
+@dataclass
+class TurnOutcome:
+    # answered | refused | failed | invalid
+    kind: str
+    reply: str = ""
+    notice: str | None = None
+    grant: Grant | None = None
+    call_id: str | None = None
+    usage: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    trimmed: int = 0
+
+
+def count_prompt(model: str, messages: list[dict]) -> int:
+    counted = litellm.token_counter(model=model, messages=messages)
+    return math.ceil(counted * PROMPT_MARGIN) + 8
+
+
+def fit_context(
+    model: str, history: list[dict], message: dict, window: int
+) -> tuple[list[dict], int, int]:
+    """Drop the oldest turns until the prompt leaves room for an answer.
+
+    Returns (messages, prompt_tokens, dropped_messages); messages is empty if even the new
+    message alone does not fit.
+    """
+    kept = list(history)
+    while True:
+        messages = [*kept, message]
+        tokens = count_prompt(model, messages)
+        if tokens + MIN_COMPLETION <= window:
+            return messages, tokens, len(history) - len(kept)
+        if not kept:
+            return [], tokens, len(history)
+        # drop a whole exchange so the history never starts with an orphaned answer
+        kept = kept[2:] if len(kept) >= 2 else []
+
+
+def refusal_text(grant: Grant, period: str) -> str:
+    if grant.reason == "unavailable":
+        return "The usage service is unavailable, so no answer was sent: try again shortly."
+    if grant.reason == "unknown_user":
+        return "Your account no longer exists: sign in again or ask the administrator."
+    resets = grant.resets_at.strftime("%Y-%m-%d %H:%M UTC") if grant.resets_at else "never"
+    used = f"{grant.used + grant.reserved:,}"
+    limit = f"{grant.token_limit:,}" if grant.token_limit is not None else "unlimited"
+    head = (
+        "Your message is larger than the quota you have left"
+        if grant.reason == "prompt_exceeds_quota"
+        else "You have used your token quota"
+    )
+    return (
+        f"{head}: {used} of {limit} tokens this {period} on the {grant.tier} tier. "
+        f"It resets {resets}. For more, ask the administrator to move you to a higher tier."
+    )
+
+
+class TurnRunner:
+    def __init__(
+        self,
+        gate: Gate,
+        ledger: Ledger,
+        claimed: ClaimedCalls,
+        settings: Settings,
+        call_options: dict | None = None,
+    ):
+        # call_options reach litellm.acompletion as-is (tests pass mock_response or api_base)
+        self.call_options = call_options or {}
+        self.gate = gate
+        self.ledger = ledger
+        self.claimed = claimed
+        self.settings = settings
+        self._background: set[asyncio.Task] = set()
+
+    def _later(self, row: dict) -> None:
+        """Record off the reply's path, holding a reference so the task isn't collected."""
+        task = asyncio.create_task(self.ledger.record(row))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _row(
+        self,
+        req: TurnRequest,
+        call_id: str,
+        status: str,
+        grant: Grant | None,
+        messages: list[dict],
+        **extra,
+    ) -> dict:
+        details = {
+            "tier": grant.tier if grant else None,
+            "max_tokens": grant.max_tokens if grant else 0,
+            **extra.pop("details", {}),
+        }
+        return {
+            "litellm_call_id": call_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "end_user": str(req.user_id),
+            "session_id": req.session_id,
+            "model": req.model,
+            "status": status,
+            "reservation_id": str(grant.reservation_id) if grant and grant.reservation_id else None,
+            "period_start": grant.period_start.isoformat()
+            if grant and grant.period_start
+            else None,
+            "messages": content_for_log(messages, self.settings.log_content),
+            "additional_details": details,
+            **extra,
+        }
+
+    async def run(
+        self, req: TurnRequest, on_token: Callable[[str], Awaitable[None]]
+    ) -> TurnOutcome:
+        text = sanitize(req.text or "").strip()
+        if not text:
+            return TurnOutcome(
+                "invalid", notice="Empty message: type something to send.", history=req.history
+            )
+        message = {"role": "user", "content": text}
+        window = models.context_window(req.model)
+        call_id = str(uuid.uuid4())
+        # A message this long can't fit any tokenizer's window; skip counting a megabyte.
+        if len(text) > window * 8:
+            messages, prompt_tokens, dropped = [], window * 2, len(req.history)
+        else:
+            messages, prompt_tokens, dropped = fit_context(req.model, req.history, message, window)
+        if not messages:
+            notice = (
+                f"Your message is too long for {req.model} (about {prompt_tokens:,} tokens; "
+                f"it takes {window:,} including the answer): shorten it or split it up."
+            )
+            self._later(
+                self._row(
+                    req,
+                    call_id,
+                    "refused",
+                    None,
+                    [message],
+                    details={"reason": "context_exceeded", "prompt_tokens_estimate": prompt_tokens},
+                )
+            )
+            return TurnOutcome("refused", notice=notice, call_id=call_id, history=req.history)
+
+        budget = min(self.settings.max_tokens, window - prompt_tokens)
+        grant = await self.gate.reserve(req.user_id, prompt_tokens, budget)
+        if not grant.granted:
+            self._later(
+                self._row(
+                    req, call_id, "refused", grant, messages, details={"reason": grant.reason}
+                )
+            )
+            return TurnOutcome(
+                "refused",
+                notice=refusal_text(grant, self.settings.usage_period),
+                grant=grant,
+                call_id=call_id,
+                history=req.history,
+            )
+
+        notice = None
+        if dropped:
+            notice = (
+                f"The conversation outgrew {req.model}'s context, so the oldest "
+                f"{dropped} messages were left out of this answer."
+            )
+        facts = {
+            "user_id": str(req.user_id),
+            "session_id": req.session_id,
+            "tier": grant.tier,
+            "model": req.model,
+            "max_tokens": grant.max_tokens,
+            "reservation_id": str(grant.reservation_id) if grant.reservation_id else None,
+            "period_start": grant.period_start.isoformat() if grant.period_start else None,
+            "trimmed": dropped,
+        }
+        parts: list[str] = []
+        usage: dict = {}
+        try:
+            stream = await litellm.acompletion(
+                model=req.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=grant.max_tokens,
+                timeout=self.settings.request_timeout,
+                litellm_call_id=call_id,
+                metadata={META_KEY: facts},
+                **self.call_options,
+            )
+            async for chunk in stream:
+                if getattr(chunk, "usage", None):
+                    usage = {
+                        "prompt_tokens": chunk.usage.prompt_tokens,
+                        "completion_tokens": chunk.usage.completion_tokens,
+                        "total_tokens": chunk.usage.total_tokens,
+                    }
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                if delta:
+                    parts.append(delta)
+                    await on_token(delta)
+        except asyncio.CancelledError:
+            # The user pressed stop: charge what was produced, then let the cancel through.
+            self._record_partial(req, call_id, grant, messages, parts, None)
+            raise
+        except Exception as exc:
+            self._record_partial(req, call_id, grant, messages, parts, exc)
+            return TurnOutcome(
+                "failed",
+                reply="".join(parts),
+                notice=errors.user_message(
+                    exc, req.model, self.settings.request_timeout, partial=bool(parts)
+                ),
+                grant=grant,
+                call_id=call_id,
+                history=req.history,
+            )
+        reply = "".join(parts)
+        return TurnOutcome(
+            "answered",
+            reply=reply,
+            notice=notice,
+            grant=grant,
+            call_id=call_id,
+            usage=usage,
+            history=[*messages, {"role": "assistant", "content": reply}],
+            trimmed=dropped,
+        )
+
+    def _record_partial(
+        self,
+        req: TurnRequest,
+        call_id: str,
+        grant: Grant,
+        messages: list[dict],
+        parts: list[str],
+        exc: Exception | None,
+    ) -> None:
+        self.claimed.claim(call_id)
+        produced = "".join(parts)
+        prompt, completion = estimate_tokens(req.model, messages, produced) if produced else (0, 0)
+        error = None
+        if exc is not None:
+            error = {
+                "class": type(exc).__name__,
+                "code": str(getattr(exc, "status_code", "") or ""),
+                "message": str(exc)[:2000],
+            }
+        self._later(
+            self._row(
+                req,
+                call_id,
+                "success" if exc is None else "failure",
+                grant,
+                messages,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=prompt + completion,
+                response=content_for_log(produced, self.settings.log_content) if produced else None,
+                error=error,
+                details={
+                    "estimated": bool(produced),
+                    "aborted": exc is None,
+                    "reservation_id": str(grant.reservation_id) if grant.reservation_id else None,
+                },
+            )
+        )
