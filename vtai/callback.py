@@ -22,24 +22,35 @@ log = logging.getLogger(__name__)
 META_KEY = "vtai"  # our per-call facts travel in metadata["vtai"]
 
 
-class ClaimedCalls:
-    """Call ids whose row the chat turn writes itself (aborted or broken streams).
-
-    The turn claims before LiteLLM's failure hook can run, so the hook skips those calls and
-    the row carries the tokens that were actually produced. Bounded, newest kept.
-    """
+class _BoundedSet:
+    """The newest `size` strings added; old ones fall out so memory stays flat."""
 
     def __init__(self, size: int = 10_000):
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._items: OrderedDict[str, None] = OrderedDict()
         self._size = size
 
-    def claim(self, call_id: str) -> None:
-        self._ids[call_id] = None
-        while len(self._ids) > self._size:
-            self._ids.popitem(last=False)
+    def add(self, item: str) -> None:
+        self._items[item] = None
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
 
-    def __contains__(self, call_id: str) -> bool:
-        return call_id in self._ids
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+
+class CallNotes:
+    """What the chat turn knows about a call that LiteLLM's event doesn't say.
+
+    `claimed`: calls whose row the turn writes itself (stopped or broken streams), so the row
+    carries the tokens actually produced and LiteLLM's failure hook skips them.
+    `estimated`: streams whose provider sent no usage; LiteLLM then fills usage in with its
+    token counter without saying so, and the row must be flagged.
+    The turn notes both before LiteLLM's logging worker gets to run the hook.
+    """
+
+    def __init__(self) -> None:
+        self.claimed = _BoundedSet()
+        self.estimated = _BoundedSet()
 
 
 def _when(ts: Any) -> str:
@@ -68,7 +79,9 @@ def _response_text(slo: dict) -> str:
         return ""
 
 
-def row_from_event(kwargs: dict, status: str, log_content: str) -> dict | None:
+def row_from_event(
+    kwargs: dict, status: str, log_content: str, estimated: bool = False
+) -> dict | None:
     """The ledger row for a LiteLLM event, or None when the call was not a metered turn."""
     meta = (kwargs.get("litellm_params") or {}).get("metadata") or {}
     facts = meta.get(META_KEY)
@@ -80,7 +93,6 @@ def row_from_event(kwargs: dict, status: str, log_content: str) -> dict | None:
     text = _response_text(slo)
     prompt = int(slo.get("prompt_tokens") or 0)
     completion = int(slo.get("completion_tokens") or 0)
-    estimated = False
     if status == "success" and prompt == 0 and completion == 0:
         prompt, completion = estimate_tokens(model, messages, text)
         estimated = True
@@ -127,19 +139,18 @@ def row_from_event(kwargs: dict, status: str, log_content: str) -> dict | None:
 
 
 class MeteringLogger(CustomLogger):
-    def __init__(
-        self, ledger: Ledger, log_content: str = "full", claimed: ClaimedCalls | None = None
-    ):
+    def __init__(self, ledger: Ledger, log_content: str = "full", notes: CallNotes | None = None):
         super().__init__()
         self.ledger = ledger
         self.log_content = log_content
-        self.claimed = claimed or ClaimedCalls()
+        self.notes = notes or CallNotes()
 
     async def _handle(self, kwargs: dict, status: str) -> None:
         try:
-            if kwargs.get("litellm_call_id") in self.claimed:
+            call_id = kwargs.get("litellm_call_id")
+            if call_id in self.notes.claimed:
                 return
-            row = row_from_event(kwargs, status, self.log_content)
+            row = row_from_event(kwargs, status, self.log_content, call_id in self.notes.estimated)
             if row is not None:
                 await self.ledger.record(row)
         except Exception:

@@ -73,6 +73,7 @@ def main() -> int:
         )
     else:
         print("Log in with an existing account (list them: .venv/bin/vtai user list).\n")
+    sys.stdout.flush()
     env = dict(os.environ)
     # `chainlit run` reads CI=true as --ci and then plants a fake OPENAI_API_KEY.
     env.pop("CI", None)

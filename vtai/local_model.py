@@ -152,7 +152,7 @@ def _chunk(text: str, finish_reason: str = "", usage: dict | None = None) -> Gen
         "tool_use": None,
         "is_finished": bool(finish_reason),
         "finish_reason": finish_reason,
-        "usage": usage,  # type: ignore[typeddict-item]
+        "usage": usage,
         "index": 0,
     }
 
@@ -288,10 +288,10 @@ def _response(model_response: ModelResponse, chunks: list[GenericStreamingChunk]
             model=model,
             llm_provider=PROVIDER,
         )
-    model_response.choices[0].message.content = "".join(c["text"] for c in chunks)  # type: ignore[union-attr]
+    model_response.choices[0].message.content = "".join(c["text"] for c in chunks)
     model_response.choices[0].finish_reason = last["finish_reason"]
     model_response.model = model
-    model_response.usage = litellm.Usage(**last["usage"])  # type: ignore[attr-defined]
+    model_response.usage = litellm.Usage(**last["usage"])
     return model_response
 
 
@@ -314,7 +314,7 @@ class LocalLLM(CustomLLM):
         return _response(model_response, chunks, model)
 
     # Not `async def`: returning _astream itself lets CustomStreamWrapper.aclose() reach it.
-    def astreaming(self, model, messages, optional_params, **kw):  # type: ignore[override]
+    def astreaming(self, model, messages, optional_params, **kw):
         clock = _Clock(kw.get("timeout"), whole_call=False)
         return _astream(model, messages, optional_params, clock)
 

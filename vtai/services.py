@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import litellm
 
-from vtai.callback import ClaimedCalls, MeteringLogger
+from vtai.callback import CallNotes, MeteringLogger
 from vtai.db import Database
 from vtai.gate import Gate
 from vtai.ledger import Ledger
@@ -39,8 +39,8 @@ class Services:
             db.pool, settings.usage_period, settings.reservation_ttl, settings.gate_fail_mode
         )
         ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
-        claimed = ClaimedCalls()
-        callback = MeteringLogger(ledger, settings.log_content, claimed)
+        notes = CallNotes()
+        callback = MeteringLogger(ledger, settings.log_content, notes)
         register_callback(callback)
         _register_local_model()
         if replay:
@@ -49,7 +49,7 @@ class Services:
             "usage gate fails %s when the database is down (VTAI_GATE_FAIL_MODE)",
             settings.gate_fail_mode,
         )
-        runner = TurnRunner(gate, ledger, claimed, settings)
+        runner = TurnRunner(gate, ledger, notes, settings)
         return cls(settings, db, gate, ledger, runner, callback, LoginThrottle())
 
     async def stop(self) -> None:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import litellm
 
 from vtai import errors, models
-from vtai.callback import META_KEY, ClaimedCalls, estimate_tokens
+from vtai.callback import META_KEY, CallNotes, estimate_tokens
 from vtai.content import content_for_log
 from vtai.gate import Gate, Grant
 from vtai.ledger import Ledger, sanitize
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # Below this many tokens of room for the answer, a turn is not worth starting.
 MIN_COMPLETION = 16
 # Reserve a little more than LiteLLM's count: providers tokenize prompts their own way.
-PROMPT_MARGIN = 1.15
+# LiteLLM's counter runs 10-17% under SmolLM2's tokenizer, for one.
+PROMPT_MARGIN = 1.25
 
 
 @dataclass
@@ -98,12 +99,19 @@ def refusal_text(grant: Grant, period: str) -> str:
     )
 
 
+async def _close(stream) -> None:
+    try:
+        await stream.aclose()
+    except Exception:
+        log.debug("closing the stream failed", exc_info=True)
+
+
 class TurnRunner:
     def __init__(
         self,
         gate: Gate,
         ledger: Ledger,
-        claimed: ClaimedCalls,
+        notes: CallNotes,
         settings: Settings,
         call_options: dict | None = None,
     ):
@@ -111,7 +119,7 @@ class TurnRunner:
         self.call_options = call_options or {}
         self.gate = gate
         self.ledger = ledger
-        self.claimed = claimed
+        self.notes = notes
         self.settings = settings
         self._background: set[asyncio.Task] = set()
 
@@ -222,6 +230,7 @@ class TurnRunner:
         }
         parts: list[str] = []
         usage: dict = {}
+        stream = None
         try:
             stream = await litellm.acompletion(
                 model=req.model,
@@ -245,6 +254,9 @@ class TurnRunner:
                 if delta:
                     parts.append(delta)
                     await on_token(delta)
+            # Synchronously, before LiteLLM's logging worker runs the success hook.
+            if not any(getattr(c, "usage", None) for c in getattr(stream, "chunks", [])):
+                self.notes.estimated.add(call_id)
         except asyncio.CancelledError:
             # The user pressed stop: charge what was produced, then let the cancel through.
             self._record_partial(req, call_id, grant, messages, parts, None)
@@ -261,6 +273,10 @@ class TurnRunner:
                 call_id=call_id,
                 history=req.history,
             )
+        finally:
+            # Stops a local generation at once; a provider stream closes its connection.
+            if stream is not None and hasattr(stream, "aclose"):
+                await asyncio.shield(_close(stream))
         reply = "".join(parts)
         return TurnOutcome(
             "answered",
@@ -282,7 +298,7 @@ class TurnRunner:
         parts: list[str],
         exc: Exception | None,
     ) -> None:
-        self.claimed.claim(call_id)
+        self.notes.claimed.add(call_id)
         produced = "".join(parts)
         prompt, completion = estimate_tokens(req.model, messages, produced) if produced else (0, 0)
         error = None

@@ -1,0 +1,137 @@
+"""A FAKE OpenAI-compatible provider on 127.0.0.1, for tests only.
+
+It stands in for real providers, which can't be reached from here, so LiteLLM's real HTTP
+client and error mapping run against answers we control. The path picks the behaviour: point
+LiteLLM's `api_base` at `http://127.0.0.1:PORT/<mode>` with `model="openai/fake"`.
+
+Modes: ok, no-usage, 401, 429, 500, hang, break (the stream stops midway), ctx (context too
+long), 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+from aiohttp import web
+
+ANSWER = "Sure. Here is a short and complete answer to your question, in plain words."
+
+
+def _chunk(content: str | None = None, finish: str | None = None, usage: dict | None = None):
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": []
+        if usage
+        else [
+            {"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}
+        ],
+    }
+    if usage:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _error(status: int, message: str, code: str | None = None) -> web.Response:
+    payload = {"error": {"message": message, "type": "fake_error", "code": code}}
+    return web.json_response(payload, status=status)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    mode = request.match_info["mode"]
+    body = await request.json()
+    request.app["calls"].append(mode)
+    if mode == "401":
+        return _error(401, "Incorrect API key provided: sk-fake***", "invalid_api_key")
+    if mode == "429":
+        return _error(429, "Rate limit reached for requests", "rate_limit_exceeded")
+    if mode == "500":
+        return _error(500, "The server had an error while processing your request")
+    if mode == "404":
+        return _error(404, "The model `fake` does not exist", "model_not_found")
+    if mode == "ctx":
+        return _error(
+            400, "This model's maximum context length is 10 tokens.", "context_length_exceeded"
+        )
+    if mode == "hang":
+        await asyncio.sleep(3600)
+    words = ANSWER.split(" ")[: body.get("max_tokens") or None]
+    usage = (
+        None
+        if mode == "no-usage"
+        else {"prompt_tokens": 11, "completion_tokens": len(words), "total_tokens": 11 + len(words)}
+    )
+    if not body.get("stream"):
+        payload = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": "fake",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": " ".join(words)},
+                }
+            ],
+        }
+        if usage:
+            payload["usage"] = usage
+        return web.json_response(payload)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i, word in enumerate(words):
+        await response.write(_chunk(word if i == 0 else " " + word))
+        if mode == "break" and i == 4:
+            # Drop the connection mid-stream, as a crashing upstream would.
+            request.transport.close()
+            return response
+        await asyncio.sleep(0.005)
+    await response.write(_chunk(finish="stop"))
+    if usage and (body.get("stream_options") or {}).get("include_usage"):
+        await response.write(_chunk(usage=usage))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+class FakeProvider:
+    """Runs the fake provider in a background thread; `url(mode)` is an api_base."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.port = 0
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app["calls"] = self.calls
+        app.router.add_post("/{mode}/chat/completions", _completions)
+        runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner = runner
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    def start(self) -> FakeProvider:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def url(self, mode: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{mode}"

@@ -1,0 +1,90 @@
+"""End to end in headless Chromium: log in, chat with the local model, hit the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.browser import ASSISTANT, browser_page, login, running_app, screenshot, send
+from tests.conftest import add_user
+
+pytestmark = pytest.mark.browser
+
+
+async def test_login_and_streamed_reply_from_local_model(db_url, conn, tmp_path):
+    user = await add_user(conn, "walter")
+    async with running_app(db_url, tmp_path, VTAI_MAX_TOKENS="48") as base, browser_page() as page:
+        await login(page, base, "walter")
+        await page.fill("#chat-input", "Write two sentences about the sea.")
+        await page.click("#chat-submit")
+        # Streamed: the answer is seen growing before it is complete.
+        lengths = set()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if await page.locator(ASSISTANT).count():
+                text = await page.locator(ASSISTANT).last.inner_text()
+                lengths.add(len(text))
+                if "tokens used" in text:
+                    break
+            await asyncio.sleep(0.05)
+        final = await page.locator(ASSISTANT).last.inner_text()
+        await screenshot(page, "chat_local_model")
+    assert "tokens used" in final and "free tier" in final, final
+    assert len([n for n in lengths if n > 0]) >= 3, lengths
+    row = await conn.fetchrow(
+        "select status, prompt_tokens, completion_tokens, model, session_id"
+        " from request_logs where end_user = $1",
+        user.id,
+    )
+    assert row["status"] == "success" and row["model"] == "local/smollm2-135m"
+    assert row["prompt_tokens"] > 0 and 0 < row["completion_tokens"] <= 48
+    assert row["session_id"]
+
+
+async def test_free_user_chats_until_refused(db_url, conn, tmp_path):
+    user = await add_user(conn, "frugal")
+    limit = 400
+    async with (
+        running_app(db_url, tmp_path, VTAI_LIMIT_FREE=str(limit), VTAI_MAX_TOKENS="64") as base,
+        browser_page() as page,
+    ):
+        await login(page, base, "frugal")
+        replies = []
+        for i in range(20):
+            replies.append(await send(page, f"Tell me a fact about the number {i}."))
+            if (
+                "You have used your token quota" in replies[-1]
+                or "larger than the quota" in replies[-1]
+            ):
+                break
+        await screenshot(page, "chat_refused")
+    refusal = replies[-1]
+    assert "token quota" in refusal or "larger than the quota" in refusal, replies
+    assert f"of {limit:,} tokens" in refusal and "resets" in refusal
+    total = await conn.fetchval(
+        "select coalesce(sum(total_tokens), 0) from request_logs where end_user = $1", user.id
+    )
+    assert 0 < total <= limit
+    assert (
+        await conn.fetchval(
+            "select count(*) from request_logs where end_user = $1 and status = 'refused'", user.id
+        )
+        >= 1
+    )
+
+
+async def test_wrong_password_is_refused_and_empty_message_explained(db_url, conn, tmp_path):
+    await add_user(conn, "carol")
+    async with running_app(db_url, tmp_path) as base, browser_page() as page:
+        await page.goto(base + "/login", wait_until="domcontentloaded")
+        await page.fill("#email", "carol")
+        await page.fill("#password", "not her password")
+        await page.click("button[type=submit]")
+        await asyncio.sleep(1.5)
+        assert await page.locator("#chat-input").count() == 0
+        await login(page, base, "carol")
+        reply = await send(page, "/usage")
+        assert "0 / 10,000 tokens used" in reply
+    assert await conn.fetchval("select count(*) from request_logs") == 0
