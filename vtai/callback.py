@@ -14,7 +14,7 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
-from vtai.content import content_for_log
+from vtai.content import content_for_log, redact_secrets
 from vtai.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def row_from_event(
         error = {
             "class": info.get("error_class") or type(exc).__name__,
             "code": info.get("error_code"),
-            "message": (slo.get("error_str") or str(exc or ""))[:2000],
+            "message": redact_secrets(slo.get("error_str") or str(exc or ""))[:2000],
         }
     cost = slo.get("response_cost")
     return {

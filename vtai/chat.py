@@ -5,6 +5,7 @@ Per-chat state lives in cl.user_session; process-wide services are built at app 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -31,6 +32,11 @@ async def startup() -> None:
     global _services
     if _services is None:
         _services = await Services.start(load_settings())
+        if _services.settings.model == models.LOCAL_MODEL_ID:
+            # Load the model now rather than on the first user's first message.
+            from vtai import local_model
+
+            await asyncio.to_thread(local_model.server)
 
 
 async def shutdown() -> None:
@@ -131,12 +137,12 @@ async def run_turn(text: str) -> None:
     cl.user_session.set("history", outcome.history)
     if outcome.kind == "answered":
         grant, used = outcome.grant, outcome.usage.get("total_tokens", 0)
+        if outcome.notice:
+            reply.content = f"{reply.content}\n\n*{outcome.notice}*"
         if grant and grant.tier:
             # Display only: the counter itself is settled by the ledger write.
             line = quota.describe(grant.tier, grant.used + used, grant.token_limit, grant.resets_at)
             reply.content = f"{reply.content}\n\n---\n*{line}*"
-        if outcome.notice:
-            reply.content = f"*{outcome.notice}*\n\n{reply.content}"
         await reply.send()
         return
     if outcome.kind == "failed":

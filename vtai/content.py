@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from typing import Any
+
+_SECRET_NAME = re.compile(r"(KEY|SECRET|PASSWORD|TOKEN)$")
+# Provider keys that providers echo back in error text, whoever's they are.
+_KEY_SHAPES = re.compile(r"\b(sk|pk|rk|sb|sbp)[-_][A-Za-z0-9_\-*]{6,}")
+
+
+def redact_secrets(text: str, env: dict[str, str] | None = None) -> str:
+    """Remove configured secrets and anything shaped like an API key from `text`."""
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if _SECRET_NAME.search(name) and len(value) >= 8:
+            text = text.replace(value, "[redacted]")
+    return _KEY_SHAPES.sub("[redacted key]", text)
 
 
 def _redact(text: str) -> dict:

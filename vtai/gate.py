@@ -89,10 +89,16 @@ class Gate:
                 now,
                 timeout=self.timeout,
             )
-        except UNAVAILABLE as exc:
-            log.warning(
-                "usage database unavailable (%s); gate is %s", type(exc).__name__, self.fail_mode
-            )
+        except Exception as exc:
+            # Any failure of the usage service gets the configured policy, never a crash.
+            if isinstance(exc, UNAVAILABLE):
+                log.warning(
+                    "usage database unavailable (%s); gate is %s",
+                    type(exc).__name__,
+                    self.fail_mode,
+                )
+            else:
+                log.exception("usage gate failed; gate is %s", self.fail_mode)
             if self.fail_mode == "open":
                 # Answered now, counted when the spooled row is replayed.
                 return Grant(True, "open", max_tokens=max_completion)

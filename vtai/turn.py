@@ -19,7 +19,7 @@ import litellm
 
 from vtai import errors, models
 from vtai.callback import META_KEY, CallNotes, estimate_tokens
-from vtai.content import content_for_log
+from vtai.content import content_for_log, redact_secrets
 from vtai.gate import Gate, Grant
 from vtai.ledger import Ledger, sanitize
 from vtai.settings import Settings
@@ -230,6 +230,7 @@ class TurnRunner:
         }
         parts: list[str] = []
         usage: dict = {}
+        finish = None
         stream = None
         try:
             stream = await litellm.acompletion(
@@ -250,6 +251,8 @@ class TurnRunner:
                         "completion_tokens": chunk.usage.completion_tokens,
                         "total_tokens": chunk.usage.total_tokens,
                     }
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
                 delta = chunk.choices[0].delta.content if chunk.choices else None
                 if delta:
                     parts.append(delta)
@@ -278,6 +281,13 @@ class TurnRunner:
             if stream is not None and hasattr(stream, "aclose"):
                 await asyncio.shield(_close(stream))
         reply = "".join(parts)
+        if finish == "length":
+            cut = (
+                "your quota is nearly used up"
+                if grant.max_tokens < self.settings.max_tokens
+                else "it reached the longest answer allowed"
+            )
+            notice = " ".join(filter(None, [notice, f"The answer was cut short: {cut}."]))
         return TurnOutcome(
             "answered",
             reply=reply,
@@ -306,7 +316,7 @@ class TurnRunner:
             error = {
                 "class": type(exc).__name__,
                 "code": str(getattr(exc, "status_code", "") or ""),
-                "message": str(exc)[:2000],
+                "message": redact_secrets(str(exc))[:2000],
             }
         self._later(
             self._row(
