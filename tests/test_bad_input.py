@@ -13,10 +13,10 @@ from tests.conftest import add_user, make_settings
 from tests.fake_provider import FakeProvider
 from tests.test_turn import collect, request, runner_for, wait_for_rows
 from vtai import users
+from vtai.callback import CallNotes, MeteringLogger
 from vtai.content import redact_secrets
 from vtai.gate import Gate
 from vtai.ledger import Ledger
-from vtai.callback import CallNotes, MeteringLogger
 from vtai.services import register_callback, unregister_callback
 from vtai.spool import Spool
 from vtai.turn import TurnRequest, TurnRunner

@@ -42,9 +42,15 @@ async def test_database_killed_mid_burst(own_server, tmp_path, fail_mode):
     ids = await _setup(own_server.url, n_users=8, limit=limit)
     settings = make_settings(own_server.url, tmp_path / "app", gate_fail_mode=fail_mode)
     services = await Services.start(settings, replay=False)
-    runner = TurnRunner(services.gate, services.ledger, services.callback.notes, settings,
-                        {"mock_response": "a short answer"})
+    runner = TurnRunner(
+        services.gate,
+        services.ledger,
+        services.callback.notes,
+        settings,
+        {"mock_response": "a short answer"},
+    )
     done = 0
+    fifty_done = asyncio.Event()
 
     async def turn(i: int) -> str:
         nonlocal done
@@ -52,11 +58,12 @@ async def test_database_killed_mid_burst(own_server, tmp_path, fail_mode):
         req = TurnRequest(ids[i % len(ids)], f"chat-{i}", "gpt-4o-mini", [], f"question {i}")
         outcome = await runner.run(req, _ignore)
         done += 1
+        if done == 50:
+            fifty_done.set()
         return outcome.call_id
 
     async def chaos():
-        while done < 50:
-            await asyncio.sleep(0.01)
+        await fifty_done.wait()
         await asyncio.to_thread(kill_postmaster, own_server.pid)
         await asyncio.sleep(1.0)
         await asyncio.to_thread(own_server.restart)
@@ -72,13 +79,17 @@ async def test_database_killed_mid_burst(own_server, tmp_path, fail_mode):
 
     conn = await asyncpg.connect(own_server.url)
     try:
-        logged = {r["litellm_call_id"] for r in await conn.fetch(
-            "select litellm_call_id from request_logs")}
+        logged = {
+            r["litellm_call_id"]
+            for r in await conn.fetch("select litellm_call_id from request_logs")
+        }
         assert logged == call_ids and len(call_ids) == turns
         assert await conn.fetch("select * from vtai_verify_counters()") == []
         over = await conn.fetch(
             "select end_user, sum(total_tokens) as used from request_logs"
-            " group by end_user having sum(total_tokens) > $1", limit)
+            " group by end_user having sum(total_tokens) > $1",
+            limit,
+        )
         if fail_mode == "closed":
             assert over == []
         statuses = {r["status"] for r in await conn.fetch("select status from request_logs")}
