@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -39,7 +41,7 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
+def pg_server():
     """URL of a Postgres server where the tests may create databases (as a superuser)."""
     url = os.environ.get("VTAI_TEST_DATABASE_URL")
     if url:
@@ -47,9 +49,13 @@ def pg_server(tmp_path_factory):
         return
     from vtai import embedded_pg
 
-    server = embedded_pg.start(tmp_path_factory.mktemp("pgserver"))
+    # Our own temp dir: pytest prunes old basetemp dirs, and a concurrent pytest run on the
+    # same machine could delete the data dir out from under a live server.
+    data_dir = Path(tempfile.mkdtemp(prefix="vtai-test-pg-"))
+    server = embedded_pg.start(data_dir)
     yield server.url
     server.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _build_template(server_url: str) -> None:

@@ -12,7 +12,7 @@ import uuid
 import chainlit as cl
 from chainlit.input_widget import Select
 
-from vtai import models, quota, users
+from vtai import history, models, quota, users
 from vtai.services import Services
 from vtai.settings import load_settings
 from vtai.turn import TurnRequest
@@ -20,6 +20,14 @@ from vtai.turn import TurnRequest
 log = logging.getLogger(__name__)
 
 _services: Services | None = None
+
+USAGE_COMMAND = {
+    "id": "Usage",
+    "icon": "gauge",
+    "description": "Show my token quota for this period",
+    "button": True,
+    "persistent": True,
+}
 
 
 def services() -> Services:
@@ -69,14 +77,21 @@ async def _quota_line() -> str:
     return quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
 
 
-async def start() -> None:
+async def start(past: list[dict] | None = None) -> None:
     s = services()
     offered = models.available_models(s.settings.model)
-    cl.user_session.set("history", [])
+    cl.user_session.set("history", past or [])
     cl.user_session.set("model", offered[0])
     await cl.ChatSettings(
         [Select(id="model", label="Model", values=offered, initial_index=0)]
     ).send()
+    # A button by the message box: the quota is always one click away.
+    await cl.context.emitter.set_commands([USAGE_COMMAND])
+
+
+async def resume(thread: dict) -> None:
+    """Continue a stored chat with the model seeing what was said before."""
+    await start(history.messages_from_thread(thread))
 
 
 async def settings_update(values: dict) -> None:
@@ -90,12 +105,8 @@ async def show_usage() -> None:
     if usage is None:
         await cl.Message(content=await _quota_line()).send()
         return
-    lines = [
-        f"**Usage this {services().settings.usage_period}**",
-        f"`{quota.bar(usage.used, usage.token_limit)}`",
-        quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at),
-    ]
-    await cl.Message(content="\n\n".join(line for line in lines if line.strip("`"))).send()
+    line = quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
+    await cl.Message(content=f"**Usage this {services().settings.usage_period}**\n\n{line}").send()
 
 
 def _attachment_notice(message: cl.Message) -> str | None:
@@ -110,7 +121,7 @@ def _attachment_notice(message: cl.Message) -> str | None:
 
 async def message(message: cl.Message) -> None:
     text = message.content or ""
-    if text.strip() == "/usage":
+    if text.strip() == "/usage" or message.command == USAGE_COMMAND["id"]:
         await show_usage()
         return
     notice = _attachment_notice(message)

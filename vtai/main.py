@@ -2,7 +2,7 @@
 
 import chainlit as cl
 
-from vtai import chat
+from vtai import chat, history
 
 
 @cl.on_app_startup
@@ -18,6 +18,18 @@ async def on_app_shutdown():
 @cl.password_auth_callback
 async def on_login(username: str, password: str):
     return await chat.login(username, password)
+
+
+if history.enabled():
+
+    @cl.data_layer
+    def data_layer():
+        return history.data_layer(chat.services())
+
+
+@cl.on_chat_resume
+async def on_chat_resume(thread):
+    await chat.resume(thread)
 
 
 @cl.on_chat_start

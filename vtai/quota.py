@@ -14,8 +14,8 @@ def describe(tier: str, used: int, limit: int | None, resets_at: datetime | None
         return f"{used:,} tokens used this period · {tier} tier (no limit)"
     left = max(limit - used, 0)
     return (
-        f"{used:,} / {limit:,} tokens used · {left:,} left · {tier} tier · "
-        f"resets {_when(resets_at)}"
+        f"{bar(used, limit, 10)} {used:,} / {limit:,} tokens used · {left:,} left · "
+        f"{tier} tier · resets {_when(resets_at)}"
     )
 
 
