@@ -17,7 +17,7 @@ _NAME = re.compile(r"^(\d{14})_(\w+)\.sql$")
 # Any fixed number works; it keeps two processes from migrating the same database at once.
 _LOCK_KEY = 0x76746169
 
-_HISTORY_TABLE = """
+HISTORY_TABLE = """
 create schema if not exists supabase_migrations;
 create table if not exists supabase_migrations.schema_migrations (version text primary key);
 alter table supabase_migrations.schema_migrations add column if not exists statements text[];
@@ -67,7 +67,7 @@ async def apply_pending(
     """Apply what is pending, each file in its own transaction; return what was applied."""
     await conn.execute("select pg_advisory_lock($1)", _LOCK_KEY)
     try:
-        await conn.execute(_HISTORY_TABLE)
+        await conn.execute(HISTORY_TABLE)
         todo = await pending(conn, directory)
         for migration in todo:
             async with conn.transaction():

@@ -49,7 +49,9 @@ create table if not exists public.request_logs (
   messages jsonb,
   response jsonb,
   error jsonb,
-  additional_details jsonb not null default '{}'::jsonb
+  additional_details jsonb not null default '{}'::jsonb,
+  -- the original user value of rows migrated from the legacy design (may not be a uuid)
+  legacy_end_user text
 );
 create index if not exists request_logs_end_user_created_idx
   on public.request_logs (end_user, created_at desc);

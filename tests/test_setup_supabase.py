@@ -1,0 +1,125 @@
+"""scripts/setup_supabase.py and scripts/update_request_logs_rls.py, run as operators run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import asyncpg
+
+from tests import test_migrations
+from tests.conftest import ROOT
+
+# A database shaped like hosted Supabase, migrated by a non-superuser (a shared fixture).
+supabase_db = test_migrations.supabase_db
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"scripts/{name}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def setup(*args: str) -> subprocess.CompletedProcess:
+    return script("setup_supabase.py", *args)
+
+
+async def test_setup_on_empty_database_then_second_run_changes_nothing(empty_db_url):
+    first = setup("--db-url", empty_db_url)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "applied migration 20261122000200_metering" in first.stdout
+    assert "FAIL" not in first.stdout and "all checks passed" in first.stdout
+    for line in ("row-level security on vtai_private.credentials", "authenticated can't execute"):
+        assert line in first.stdout
+
+    second = setup("--db-url", empty_db_url)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "migrations: none pending" in second.stdout
+    assert "changes: none" in second.stdout
+
+    check = setup("--db-url", empty_db_url, "--check")
+    assert check.returncode == 0 and "changes:" not in check.stdout
+    assert setup("--db-url", empty_db_url, "--print-sql").stdout.count("begin;") == 0
+
+
+async def test_check_detects_policy_drift_and_rls_script_repairs_it(empty_db_url):
+    assert setup("--db-url", empty_db_url).returncode == 0
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await conn.execute('drop policy "request_logs: users read their own" on request_logs')
+        dropped = setup("--db-url", empty_db_url, "--check")
+        assert dropped.returncode == 1
+        assert (
+            'FAIL  policy "request_logs: users read their own" on public.request_logs: missing'
+            in (dropped.stdout)
+        )
+
+        await conn.execute(
+            'create policy "Allow all inserts to request_logs" on request_logs'
+            " for insert with check (true)"
+        )
+        await conn.execute(
+            'create policy "whoever" on usage_counters for select to anon using (true)'
+        )
+        permissive = setup("--db-url", empty_db_url, "--check")
+        assert permissive.returncode == 1
+        assert 'unexpected policy "Allow all inserts to request_logs"' in permissive.stdout
+        assert 'unexpected policy "whoever" on public.usage_counters' in permissive.stdout
+
+        dry = script("update_request_logs_rls.py", "--db-url", empty_db_url, "--dry-run")
+        assert dry.returncode == 0 and "would drop policy" in dry.stdout
+        assert setup("--db-url", empty_db_url, "--check").returncode == 1
+
+        fixed = script("update_request_logs_rls.py", "--db-url", empty_db_url)
+        assert fixed.returncode == 0, fixed.stderr
+        assert 'drop policy "Allow all inserts to request_logs"' in fixed.stdout
+        assert 'drop policy "whoever" on public.usage_counters' in fixed.stdout
+        assert 'create policy "request_logs: users read their own"' in fixed.stdout
+        assert setup("--db-url", empty_db_url, "--check").returncode == 0
+        again = script("update_request_logs_rls.py", "--db-url", empty_db_url)
+        assert "policies: already as the migrations define them" in again.stdout
+    finally:
+        await conn.close()
+
+
+def test_unreachable_host_is_one_line_without_the_password():
+    result = setup("--db-url", "postgresql://postgres:hunter2-secret@127.0.0.1:1/postgres")
+    assert result.returncode == 3
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the database at 127.0.0.1" in lines[0]
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_missing_database_and_missing_url_are_one_line(empty_db_url):
+    missing = setup("--db-url", empty_db_url + "_nope")
+    assert missing.returncode == 3
+    assert len(missing.stderr.strip().splitlines()) == 1 and "does not exist" in missing.stderr
+
+    if not (ROOT / ".env").exists():
+        no_url = subprocess.run(
+            [sys.executable, "scripts/setup_supabase.py", "--check"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        assert no_url.returncode == 2 and "no database URL" in no_url.stderr
+
+
+def test_print_sql_all_needs_no_database_and_help_documents_exit_codes():
+    out = setup("--print-sql", "--all").stdout
+    assert "-- 20261122000150_legacy_request_logs.sql" in out
+    assert "insert into supabase_migrations.schema_migrations" in out
+    assert "exit codes:" in setup("--help").stdout
+
+
+async def test_migrations_as_non_superuser_pass_every_check(supabase_db):
+    _, migrator_url = supabase_db
+    result = setup("--db-url", migrator_url)
+    assert result.returncode == 0, result.stdout + result.stderr
