@@ -33,6 +33,7 @@ VTAI_TABLES = (
 SERVER_ONLY_FUNCTIONS = ("vtai_reserve", "vtai_record", "vtai_usage", "vtai_verify_counters")
 USER_ROLES = ("anon", "authenticated")
 
+
 class ScriptError(Exception):
     """Stops a script: str() is the one line to print, `code` the exit code."""
 
