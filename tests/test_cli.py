@@ -40,7 +40,7 @@ async def test_user_lifecycle(run):
     code, out, _ = await run("usage", "ada")
     assert code == 0 and "0 / 500,000 tokens used" in out and "resets" in out
     code, out, _ = await run("usage", "--verify")
-    assert code == 0 and out.startswith("ok")
+    assert code == 0 and out.startswith("ok: usage counters and aggregates")
 
 
 @pytest.mark.parametrize(

@@ -89,16 +89,23 @@ async def user_list(settings: Settings, args: argparse.Namespace) -> int:
 async def usage(settings: Settings, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
         if args.verify:
-            rows = await db.pool.fetch("select * from public.vtai_verify_counters()")
-            if not rows:
-                print("ok: usage counters equal the ledger")
-                return 0
-            for r in rows:
+            counters = await db.pool.fetch("select * from public.vtai_verify_counters()")
+            for r in counters:
                 print(
                     f"mismatch: user {r['end_user']} period {r['period_start']:%Y-%m-%d}: "
                     f"counter {r['counter_used']}, ledger {r['ledger_used']}"
                 )
-            return 1
+            buckets = await db.pool.fetch("select * from public.vtai_verify_aggregates()")
+            for r in buckets:
+                print(
+                    f"mismatch: aggregates {r['bucket_start']:%Y-%m-%d} user {r['end_user']} "
+                    f"model {r['model']} {r['what']}: {r['aggregate_value']} vs ledger "
+                    f"{r['ledger_value']}"
+                )
+            if counters or buckets:
+                return 1
+            print("ok: usage counters and aggregates equal the ledger")
+            return 0
         if not args.name:
             raise CliError("name a user (vtai usage NAME) or pass --verify")
         async with db.pool.acquire() as conn:
