@@ -82,3 +82,18 @@ async def test_spool_replay_updates_aggregates_once(pool, conn, tmp_path):
         == 1
     )
     assert await conn.fetch("select * from vtai_verify_aggregates()") == []
+
+
+async def test_daily_usage_for_the_meter_reads_day_buckets(pool, conn, tmp_path):
+    from vtai.quota import daily_chart
+
+    user = await add_user(conn)
+    ledger = Ledger(pool, Spool(tmp_path))
+    for i in range(6):  # 37-minute steps from 22:30 cross midnight
+        await ledger.record(row(user, i))
+    days = await Gate(pool).daily(user.id, T0 - timedelta(days=1))
+    assert [d.day for d, _ in days] == [3, 4]
+    total = await conn.fetchval("select sum(total_tokens) from request_logs")
+    assert sum(t for _, t in days) == total
+    chart = daily_chart(days)
+    assert chart.count("\n") == 1 and "Nov 03" in chart and "█" in chart

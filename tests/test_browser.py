@@ -31,6 +31,11 @@ async def test_login_and_streamed_reply_from_local_model(db_url, conn, tmp_path)
             await asyncio.sleep(0.05)
         final = await page.locator(ASSISTANT).last.inner_text()
         await screenshot(page, "chat_local_model")
+        await asyncio.sleep(1.0)  # the ledger row lands just after the answer
+        usage = await send(page, "/usage")
+        await screenshot(page, "usage_after_turn")
+    assert "10,000 tokens used" in usage and "0 / 10,000" not in usage, usage
+    assert "free tier" in usage and "█" in usage
     assert "tokens used" in final and "free tier" in final, final
     assert len([n for n in lengths if n > 0]) >= 3, lengths
     row = await conn.fetchrow(

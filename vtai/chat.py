@@ -106,7 +106,12 @@ async def show_usage() -> None:
         await cl.Message(content=await _quota_line()).send()
         return
     line = quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
-    await cl.Message(content=f"**Usage this {services().settings.usage_period}**\n\n{line}").send()
+    days = await services().gate.daily(_user_id(), usage.period_start)
+    chart = quota.daily_chart(days[-31:])
+    await cl.Message(
+        content=f"**Usage this {services().settings.usage_period}**\n\n{line}\n\n"
+        f"```text\n{chart}\n```"
+    ).send()
 
 
 def _attachment_notice(message: cl.Message) -> str | None:

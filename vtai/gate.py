@@ -114,3 +114,15 @@ class Gate:
             timeout=self.timeout,
         )
         return Usage(**dict(row)) if row else None
+
+    async def daily(self, user_id: uuid.UUID, since: datetime) -> list[tuple[datetime, int]]:
+        """Tokens per UTC day from `since`, read from the day buckets (never the ledger)."""
+        rows = await self.pool.fetch(
+            "select bucket_start, sum(total_tokens)::bigint as tokens"
+            " from public.usage_aggregates where end_user = $1 and granularity = 'day'"
+            " and bucket_start >= $2 group by bucket_start order by bucket_start",
+            user_id,
+            since,
+            timeout=self.timeout,
+        )
+        return [(r["bucket_start"], r["tokens"]) for r in rows]

@@ -24,3 +24,14 @@ def bar(used: int, limit: int | None, width: int = 20) -> str:
         return ""
     filled = min(width, round(width * used / limit))
     return "█" * filled + "░" * (width - filled)
+
+
+def daily_chart(days: list[tuple[datetime, int]], width: int = 24) -> str:
+    """A small per-day bar chart, one line a day, for a monospace block."""
+    if not days:
+        return "no usage yet this period"
+    top = max(tokens for _, tokens in days) or 1
+    return "\n".join(
+        f"{day:%b %d}  {'█' * max(1, round(width * tokens / top)) if tokens else ''} {tokens:,}"
+        for day, tokens in days
+    )
