@@ -71,7 +71,7 @@ async def test_database_killed_mid_burst(own_server, tmp_path, fail_mode):
     try:
         results = await asyncio.gather(*(turn(i) for i in range(turns)), chaos())
         call_ids = {c for c in results[:turns] if c}
-        await asyncio.sleep(2.0)  # the last success hooks
+        await services.flush()
         await runner.drain()
         await services.ledger.replay()
     finally:

@@ -112,7 +112,7 @@ async def test_provider_failure_is_one_line_and_not_charged(services, conn):
     assert outcome.kind == "failed" and "\n" not in outcome.notice
     assert "upstream exploded" not in outcome.notice
     await wait_for_rows(conn, 1)
-    await asyncio.sleep(0.3)  # LiteLLM's own failure hook must not add a second row
+    await services.flush()  # LiteLLM's own failure hook must not add a second row
     r = await conn.fetchrow("select status, total_tokens, error from request_logs")
     assert r["status"] == "failure" and r["total_tokens"] == 0
     assert "InternalServerError" in r["error"]

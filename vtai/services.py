@@ -5,6 +5,7 @@ Built once per process at start-up (Chainlit's on_app_startup, the CLI, or a tes
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -52,8 +53,19 @@ class Services:
         runner = TurnRunner(gate, ledger, notes, settings)
         return cls(settings, db, gate, ledger, runner, callback, LoginThrottle())
 
-    async def stop(self) -> None:
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait for every pending ledger write: LiteLLM's queued hooks and the turn's own."""
+        from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+
+        try:
+            await asyncio.wait_for(GLOBAL_LOGGING_WORKER.flush(), timeout)
+        except TimeoutError:
+            log.error("LiteLLM's logging queue did not drain in %.0f s", timeout)
         await self.runner.drain()
+
+    async def stop(self) -> None:
+        # Rows of turns that already answered must not die with the process.
+        await self.flush()
         await self.ledger.stop()
         unregister_callback(self.callback)
         await self.db.close()
