@@ -20,11 +20,14 @@ async def on_login(username: str, password: str):
     return await chat.login(username, password)
 
 
-if history.enabled():
-
-    @cl.data_layer
-    def data_layer():
+@cl.data_layer
+def data_layer():
+    # Registered even with VTAI_HISTORY=off, so Chainlit never falls back to DATABASE_URL.
+    try:
         return history.data_layer(chat.services())
+    except RuntimeError:
+        # Chainlit may first ask at shutdown, after the services have stopped.
+        return None
 
 
 @cl.on_chat_resume
