@@ -13,12 +13,12 @@ had been recorded live, and older usage lands in periods that are over.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import asyncpg
 from _common import OK, ScriptError, database_url, describe_sql_error, open_connection, run
+from _common import parser as common_parser
 
 from vtai import migrations
 from vtai.settings import PERIODS
@@ -186,16 +186,10 @@ class _DryRun(Exception):
 
 
 async def main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Copy every legacy usage_logs row into request_logs (idempotently), "
+    parser = common_parser(
+        "Copy every legacy usage_logs row into request_logs (idempotently), "
         "update the usage counters, verify, and drop usage_logs, in one transaction.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--db-url",
-        help="postgresql://... (default: SUPABASE_DB_URL, then "
-        "VTAI_DATABASE_URL, from the environment or .env)",
+        EPILOG,
     )
     parser.add_argument("--dry-run", action="store_true", help="do it all, then roll back")
     parser.add_argument(

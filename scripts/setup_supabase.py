@@ -10,7 +10,6 @@ The database URL comes from --db-url, SUPABASE_DB_URL or VTAI_DATABASE_URL (.env
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import asyncpg
@@ -29,6 +28,9 @@ from _common import (
     open_connection,
     quote_table,
     run,
+)
+from _common import (
+    parser as common_parser,
 )
 
 from vtai import migrations
@@ -237,16 +239,10 @@ async def verify(conn: asyncpg.Connection) -> Report:
 
 
 async def main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Apply VT.ai's migrations to a Supabase or Postgres database and verify "
+    parser = common_parser(
+        "Apply VT.ai's migrations to a Supabase or Postgres database and verify "
         "its tables, row-level security, policies, functions and grants.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--db-url",
-        help="postgresql://... (default: SUPABASE_DB_URL, then "
-        "VTAI_DATABASE_URL, from the environment or .env)",
+        EPILOG,
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="verify only; exit 1 on drift")

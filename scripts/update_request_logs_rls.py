@@ -8,7 +8,6 @@ fresh database. Everything happens in one transaction; --dry-run rolls it back.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import asyncpg
@@ -22,6 +21,9 @@ from _common import (
     expected_schema,
     open_connection,
     run,
+)
+from _common import (
+    parser as common_parser,
 )
 
 from vtai import migrations
@@ -72,16 +74,10 @@ async def repair(conn: asyncpg.Connection, dry_run: bool) -> tuple[list, list]:
 
 
 async def main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Drop policies on VT.ai tables that the migrations don't define and "
+    parser = common_parser(
+        "Drop policies on VT.ai tables that the migrations don't define and "
         "re-apply the expected policies, revokes and grants.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--db-url",
-        help="postgresql://... (default: SUPABASE_DB_URL, then "
-        "VTAI_DATABASE_URL, from the environment or .env)",
+        EPILOG,
     )
     parser.add_argument("--dry-run", action="store_true", help="show what would change")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import litellm
@@ -45,12 +46,15 @@ class CallNotes:
     carries the tokens actually produced and LiteLLM's failure hook skips them.
     `estimated`: streams whose provider sent no usage; LiteLLM then fills usage in with its
     token counter without saying so, and the row must be flagged.
+    `provisional`: answered turns' rows held on disk until the success hook writes its own.
     The turn notes both before LiteLLM's logging worker gets to run the hook.
     """
 
     def __init__(self) -> None:
         self.claimed = _BoundedSet()
         self.estimated = _BoundedSet()
+        # call id -> the answered turn's provisional row on disk, until the hook records it
+        self.provisional: dict[str, Path] = {}
 
 
 def _when(ts: Any) -> str:
@@ -153,6 +157,9 @@ class MeteringLogger(CustomLogger):
             row = row_from_event(kwargs, status, self.log_content, call_id in self.notes.estimated)
             if row is not None:
                 await self.ledger.record(row)
+            provisional = self.notes.provisional.pop(call_id, None)
+            if provisional is not None:
+                provisional.unlink(missing_ok=True)
         except Exception:
             # Never into LiteLLM: the row's reservation expires after its TTL instead.
             log.exception("metering callback failed for call %s", kwargs.get("litellm_call_id"))

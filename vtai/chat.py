@@ -12,7 +12,7 @@ import uuid
 import chainlit as cl
 from chainlit.input_widget import Select
 
-from vtai import history, models, quota, users
+from vtai import balances, history, models, quota, users
 from vtai.services import Services
 from vtai.settings import load_settings
 from vtai.turn import TurnRequest
@@ -20,6 +20,7 @@ from vtai.turn import TurnRequest
 log = logging.getLogger(__name__)
 
 _services: Services | None = None
+_balance_sync: asyncio.Task | None = None
 
 USAGE_COMMAND = {
     "id": "Usage",
@@ -37,9 +38,10 @@ def services() -> Services:
 
 
 async def startup() -> None:
-    global _services
+    global _services, _balance_sync
     if _services is None:
         _services = await Services.start(load_settings())
+        _balance_sync = balances.start_periodic(_services.db.pool)
         if _services.settings.model == models.LOCAL_MODEL_ID:
             # Load the model now rather than on the first user's first message.
             from vtai import local_model
@@ -48,7 +50,9 @@ async def startup() -> None:
 
 
 async def shutdown() -> None:
-    global _services
+    global _services, _balance_sync
+    await balances.stop_periodic(_balance_sync)
+    _balance_sync = None
     if _services is not None:
         await _services.stop()
         _services = None

@@ -10,7 +10,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from vtai import quota, users
+from vtai import balances, quota, users
 from vtai.db import Database, DatabaseError
 from vtai.gate import Gate
 from vtai.ledger import Ledger
@@ -130,6 +130,8 @@ async def spool_status(settings: Settings, args: argparse.Namespace) -> int:
 async def spool_replay(settings: Settings, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
         ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
+        # Rows a dead app process was still writing; a live one's come back as no-op duplicates.
+        await ledger.recover()
         try:
             r = await ledger.replay()
         except ReplayStopped as exc:
@@ -139,6 +141,13 @@ async def spool_replay(settings: Settings, args: argparse.Namespace) -> int:
             f"{r.quarantined} quarantined"
         )
         return 0
+
+    return await _with_db(settings, work)
+
+
+async def balances_sync(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        return await balances.cli_sync(db.pool)
 
     return await _with_db(settings, work)
 
@@ -176,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spool.add_parser("status").set_defaults(run=spool_status)
     spool.add_parser("replay").set_defaults(run=spool_replay)
+
+    bal = sub.add_parser("balances", help="provider account balances").add_subparsers(
+        dest="action", required=True
+    )
+    bal.add_parser("sync", help="fetch each provider's balance now").set_defaults(run=balances_sync)
     return parser
 
 

@@ -24,6 +24,8 @@ UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # raised when a connection dies in the middle of a query
+    asyncpg.InternalClientError,
 )
 
 

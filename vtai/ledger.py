@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -54,17 +55,35 @@ class Ledger:
 
     async def write(self, row: dict) -> bool:
         """Send one row to the database: True if new, False if it was already recorded."""
-        # Sent as text so the result doesn't depend on the pool's JSON codec.
-        return await self.pool.fetchval(
-            "select public.vtai_record($1::text::jsonb, $2)",
-            json.dumps(sanitize(row), default=str),
-            self.period,
-            timeout=self.timeout,
-        )
+        # The timeout covers waiting for a connection too: a busy or wedged pool must send
+        # the row to the spool, not hold it in memory. Sent as text so the result doesn't
+        # depend on the pool's JSON codec.
+        async with self.pool.acquire(timeout=self.timeout) as conn:
+            return await conn.fetchval(
+                "select public.vtai_record($1::text::jsonb, $2)",
+                json.dumps(sanitize(row), default=str),
+                self.period,
+                timeout=self.timeout,
+            )
 
-    async def record(self, row: dict) -> bool | None:
-        """Write a row; on any failure spool it instead. None means spooled."""
+    def hold(self, row: dict) -> Path:
+        """Keep the row on local disk now, before any await, until record() settles it."""
+        return self.spool.hold(sanitize(row))
+
+    async def record(self, row: dict, held: Path | None = None) -> bool | None:
+        """Write a row; on any failure spool it instead. None means spooled.
+
+        While the write is pending the row sits in the spool's in-flight directory (`held`,
+        if the caller already put it there), so a process killed mid-write leaves it for the
+        next start-up to replay.
+        """
         row = sanitize(row)
+        held = held or self.spool.hold(row)
+        result = await self._write_or_spool(row)
+        held.unlink(missing_ok=True)
+        return result
+
+    async def _write_or_spool(self, row: dict) -> bool | None:
         try:
             return await self.write(row)
         except Exception as exc:
@@ -81,6 +100,10 @@ class Ledger:
 
     async def replay(self) -> ReplayResult:
         return await self.spool.replay(self.write, is_bad_data)
+
+    async def recover(self) -> int:
+        """At start-up: spool the rows a dead process was still writing, for replay."""
+        return await asyncio.to_thread(self.spool.recover_inflight)
 
     def start_replayer(self, max_delay: float = 60.0) -> None:
         """Replay the spool now and whenever rows wait, backing off while the DB is down."""

@@ -1,8 +1,12 @@
 """Chainlit entry point: `chainlit run vtai/main.py`. Handlers only; the work is in vtai.chat."""
 
 import chainlit as cl
+import chainlit.server
 
-from vtai import chat, history
+from vtai import admin, chat, history
+
+# /admin and /admin/api/*, ahead of Chainlit's catch-all page route.
+admin.register(chainlit.server.app)
 
 
 @cl.on_app_startup

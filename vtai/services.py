@@ -45,6 +45,7 @@ class Services:
         register_callback(callback)
         _register_local_model()
         if replay:
+            await ledger.recover()
             ledger.start_replayer()
         log.info(
             "usage gate fails %s when the database is down (VTAI_GATE_FAIL_MODE)",

@@ -16,12 +16,14 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ACTIVE = "ledger.jsonl"
 QUARANTINE = "quarantine.jsonl"
+INFLIGHT = "inflight"
 
 
 class ReplayStopped(Exception):
@@ -99,6 +101,37 @@ class Spool:
                     os.close(fd)
             finally:
                 handle.close()
+
+    def hold(self, record: dict) -> Path:
+        """Keep a copy of a row whose database write is under way; returns its file.
+
+        Not fsynced, on purpose: this guards against the process dying (the page cache
+        survives that), costs microseconds rather than a disk flush per turn, and a failed
+        write still goes through the fsynced append() path.
+        """
+        directory = self.directory / INFLIGHT
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / f"{uuid.uuid4().hex}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, json.dumps(record, ensure_ascii=True, default=str).encode())
+        finally:
+            os.close(fd)
+        return path
+
+    def recover_inflight(self) -> int:
+        """Move rows left in flight by a dead process into the spool; returns how many."""
+        moved = 0
+        for path in sorted((self.directory / INFLIGHT).glob("*.json")):
+            try:
+                record = json.loads(path.read_bytes())
+            except ValueError as exc:
+                self._quarantine(path.read_bytes(), f"unreadable in-flight row: {exc}")
+            else:
+                self.append(record)
+                moved += 1
+            path.unlink(missing_ok=True)
+        return moved
 
     def pending_files(self) -> list[Path]:
         if not self.directory.exists():

@@ -124,8 +124,9 @@ class TurnRunner:
         self._background: set[asyncio.Task] = set()
 
     def _later(self, row: dict) -> None:
-        """Record off the reply's path, holding a reference so the task isn't collected."""
-        task = asyncio.create_task(self.ledger.record(row))
+        """Record off the reply's path: on disk before the turn returns, in the DB soon after."""
+        held = self.ledger.hold(row)
+        task = asyncio.create_task(self.ledger.record(row, held))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -258,8 +259,10 @@ class TurnRunner:
                     parts.append(delta)
                     await on_token(delta)
             # Synchronously, before LiteLLM's logging worker runs the success hook.
-            if not any(getattr(c, "usage", None) for c in getattr(stream, "chunks", [])):
+            estimated = not any(getattr(c, "usage", None) for c in getattr(stream, "chunks", []))
+            if estimated:
                 self.notes.estimated.add(call_id)
+            self._hold_provisional(req, call_id, grant, messages, "".join(parts), usage, estimated)
         except asyncio.CancelledError:
             # The user pressed stop: charge what was produced, then let the cancel through.
             self._record_partial(req, call_id, grant, messages, parts, None)
@@ -297,6 +300,46 @@ class TurnRunner:
             usage=usage,
             history=[*messages, {"role": "assistant", "content": reply}],
             trimmed=dropped,
+        )
+
+    def _hold_provisional(
+        self,
+        req: TurnRequest,
+        call_id: str,
+        grant: Grant,
+        messages: list[dict],
+        reply: str,
+        usage: dict,
+        estimated: bool,
+    ) -> None:
+        """Put the answered turn's row on disk until LiteLLM's success hook records the full
+        one (and deletes this). If the process dies first, or the hook never runs, start-up
+        replays this row instead, so an answer that reached the user is always billed."""
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if prompt is None or completion is None:
+            prompt, completion = estimate_tokens(req.model, messages, reply)
+        try:
+            cost = sum(
+                litellm.cost_per_token(
+                    model=req.model, prompt_tokens=prompt, completion_tokens=completion
+                )
+            )
+        except Exception:
+            cost = 0.0
+        self.notes.provisional[call_id] = self.ledger.hold(
+            self._row(
+                req,
+                call_id,
+                "success",
+                grant,
+                messages,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=prompt + completion,
+                total_cost=cost,
+                response=content_for_log(reply, self.settings.log_content),
+                details={"provisional": True, "estimated": estimated},
+            )
         )
 
     def _record_partial(
