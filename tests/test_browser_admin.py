@@ -1,80 +1,24 @@
 """The admin dashboard end to end in headless Chromium, on a month of generated traffic.
 
-The app is `chainlit run` on a copy of vtai/main.py with `admin.register(...)` appended, so
-the test exercises the real Chainlit server (its login, cookie, catch-all route and /public).
+The app is the real `chainlit run vtai/main.py`, so the test exercises the real Chainlit
+server (its login, cookie, catch-all route and /public).
 """
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
-import os
-import subprocess
-import sys
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from tests.browser import ROOT, _wait_until_up, browser_page, free_port, login, screenshot
+from tests.browser import browser_page, login, running_app, screenshot
 from tests.conftest import add_user
 from tests.fake_balance_api import FakeBalanceApi
 from tests.test_admin import seed_traffic
 
 pytestmark = pytest.mark.browser
-
-REGISTER = """
-
-# Added by tests/test_browser_admin.py: what the wiring in vtai/main.py does.
-import chainlit.server  # noqa: E402
-
-from vtai import admin  # noqa: E402
-
-admin.register(chainlit.server.app)
-"""
-
-
-def main_with_admin(tmp_path: Path) -> Path:
-    main = tmp_path / "main_with_admin.py"
-    main.write_text((ROOT / "vtai" / "main.py").read_text() + REGISTER)
-    return main
-
-
-@asynccontextmanager
-async def running_admin_app(db_url: str, data_dir: Path, main: Path, **env_overrides: str):
-    """tests.browser.running_app, but on the given entry file."""
-    port = free_port()
-    env = dict(os.environ)
-    env.pop("CI", None)
-    env.update(
-        VTAI_DATABASE_URL=db_url,
-        VTAI_DATA_DIR=str(data_dir),
-        CHAINLIT_AUTH_SECRET="test-secret-" + "x" * 40,
-        **env_overrides,
-    )
-    log = (data_dir / "app.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chainlit", "run", str(main), "--headless"]
-        + ["--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await asyncio.to_thread(_wait_until_up, base, proc, data_dir / "app.log")
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
 
 @pytest.fixture(scope="module")
 def balance_api():
@@ -102,10 +46,9 @@ async def test_admin_dashboard_end_to_end(db_url, conn, tmp_path, balance_api):
     alice = people[0]
 
     async with (
-        running_admin_app(
+        running_app(
             db_url,
             tmp_path,
-            main_with_admin(tmp_path),
             OPENROUTER_API_KEY="sk-or-v1-browser-test",
             VTAI_OPENROUTER_BASE=balance_api.url("ok"),
         ) as base,

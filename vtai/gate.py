@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -56,6 +57,27 @@ class Usage:
         return max(self.token_limit - self.used, 0)
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, UNAVAILABLE)
+
+
+def when_unavailable(
+    exc: BaseException,
+    fail_mode: str,
+    max_completion: int,
+    unavailable: Callable[[BaseException], bool] = is_unavailable,
+) -> Grant:
+    """The configured policy for any failure of the usage service, never a crash:
+    closed refuses, open answers and is charged when the spooled row is replayed."""
+    if unavailable(exc):
+        log.warning("usage service unavailable (%s); gate is %s", type(exc).__name__, fail_mode)
+    else:
+        log.error("usage gate failed (%s: %s); gate is %s", type(exc).__name__, exc, fail_mode)
+    if fail_mode == "open":
+        return Grant(True, "open", max_tokens=max_completion)
+    return Grant(False, "unavailable")
+
+
 class Gate:
     def __init__(
         self,
@@ -90,19 +112,7 @@ class Gate:
                 timeout=self.timeout,
             )
         except Exception as exc:
-            # Any failure of the usage service gets the configured policy, never a crash.
-            if isinstance(exc, UNAVAILABLE):
-                log.warning(
-                    "usage database unavailable (%s); gate is %s",
-                    type(exc).__name__,
-                    self.fail_mode,
-                )
-            else:
-                log.exception("usage gate failed; gate is %s", self.fail_mode)
-            if self.fail_mode == "open":
-                # Answered now, counted when the spooled row is replayed.
-                return Grant(True, "open", max_tokens=max_completion)
-            return Grant(False, "unavailable")
+            return when_unavailable(exc, self.fail_mode, max_completion)
         return Grant(**dict(row))
 
     async def usage(self, user_id: uuid.UUID, now: datetime | None = None) -> Usage | None:

@@ -11,7 +11,6 @@ authenticated, so the public anon key gets "permission denied" by design.
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from datetime import datetime
 
@@ -19,10 +18,8 @@ import httpx
 from postgrest.exceptions import APIError
 
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
-from vtai.gate import Grant, Usage
+from vtai.gate import Grant, Usage, when_unavailable
 from vtai.ledger import sanitize
-
-log = logging.getLogger(__name__)
 
 # Network failures and gateway/server errors: the usage service is down, not the request bad.
 UNAVAILABLE = (httpx.TransportError, OSError, TimeoutError)
@@ -110,21 +107,7 @@ class SupabaseStore:
             rows = await self._rpc("vtai_reserve", params)
             row = dict(rows[0])
         except Exception as exc:
-            # Same policy as Gate.reserve: any failure of the usage service gets the fail mode.
-            if is_unavailable(exc):
-                log.warning(
-                    "usage service unavailable (%s); gate is %s", type(exc).__name__, self.fail_mode
-                )
-            else:
-                log.error(
-                    "usage gate failed (%s: %s); gate is %s",
-                    type(exc).__name__,
-                    exc,
-                    self.fail_mode,
-                )
-            if self.fail_mode == "open":
-                return Grant(True, "open", max_tokens=max_completion)
-            return Grant(False, "unavailable")
+            return when_unavailable(exc, self.fail_mode, max_completion, is_unavailable)
         if row.get("reservation_id"):
             row["reservation_id"] = uuid.UUID(row["reservation_id"])
         for key in ("period_start", "resets_at"):
