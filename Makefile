@@ -45,7 +45,7 @@ test: install browser lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	@if [ -z "$$VTAI_TEST_DATABASE_URL" ] && $(BIN)/python scripts/pg_available.py $(LOCAL_PG); then \
 	  echo "== database tests on the PostgreSQL at 127.0.0.1:5432 =="; \
-	  VTAI_TEST_DATABASE_URL=$(LOCAL_PG) $(BIN)/python -m pytest -m db $(PYTEST_ARGS); \
+	  VTAI_TEST_DATABASE_URL=$(LOCAL_PG) $(BIN)/python -m pytest -m "db and not browser and not slow" $(PYTEST_ARGS); \
 	fi
 
 # Regenerate requirements.lock from requirements.in.

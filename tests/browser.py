@@ -113,6 +113,9 @@ async def login(page: Page, base: str, username: str, password: str = PASSWORD) 
     await page.fill("#password", password)
     await page.click("button[type=submit]")
     await page.wait_for_selector("#chat-input", timeout=30_000)
+    # The Usage button arrives when on_chat_start has run; before that, the composer can
+    # still be re-rendered and drop what a test typed or attached.
+    await page.get_by_role("button", name="Usage").first.wait_for(timeout=30_000)
 
 
 async def send(page: Page, text: str, timeout: float = 90) -> str:

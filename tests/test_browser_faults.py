@@ -130,18 +130,23 @@ async def test_unreadable_attachment_is_explained_and_text_still_answered(
     ):
         await login(page, base, "attacher")
         before = await page.locator(ASSISTANT).count()
-        await page.set_input_files(
-            "input[type=file]",
-            files=[
-                {
-                    "name": "blob.bin",
-                    "mimeType": "application/octet-stream",
-                    "buffer": bytes(range(256)) * 4,
-                }
-            ],
-        )
-        await page.get_by_text("blob.bin").first.wait_for(timeout=15_000)
         await page.fill("#chat-input", "What is in this file? Also, say hello.")
+        # Wait for the server to have the file: under load the chip can show before the
+        # upload has even started, and a message sent then carries no attachment.
+        async with page.expect_response(
+            lambda r: "/project/file" in r.url and r.request.method == "POST", timeout=30_000
+        ):
+            await page.set_input_files(
+                "input[type=file]",
+                files=[
+                    {
+                        "name": "blob.bin",
+                        "mimeType": "application/octet-stream",
+                        "buffer": bytes(range(256)) * 4,
+                    }
+                ],
+            )
+        await page.get_by_text("blob.bin").first.wait_for(timeout=15_000)
         await _submit_when_uploaded(page)
         texts = await _wait_for_messages(page, before + 2)
         await screenshot(page, "fault_attachment")
@@ -211,7 +216,9 @@ async def _wait_for_messages(page, count: int, timeout: float = 60) -> list[str]
             and await page.locator("#chat-submit").is_visible()
         ):
             texts = await page.locator(ASSISTANT).all_inner_texts()
-            if "tokens used" in texts[-1] or "Retry" not in texts[-1]:
+            # Final answers end with the quota line; a Retry action isn't always run with
+            # the stop button showing, so "submit visible" alone can be mid-stream.
+            if "tokens used" in texts[-1]:
                 return texts
         await asyncio.sleep(0.2)
     await screenshot(page, "fault_timeout")
