@@ -20,6 +20,7 @@ from tests.test_admin import seed_traffic
 
 pytestmark = pytest.mark.browser
 
+
 @pytest.fixture(scope="module")
 def balance_api():
     a = FakeBalanceApi().start()
