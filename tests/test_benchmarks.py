@@ -1,0 +1,53 @@
+"""The benchmarks run, at tiny sizes, and count right. Timing is never asserted here."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import common, gate_latency, ingest, memory, processes, turn_overhead
+
+
+@pytest.fixture
+async def bench_db(db_url):
+    async with common.database(db_url) as url:
+        yield url
+
+
+async def test_gate_latency(bench_db):
+    s = await gate_latency.bench(bench_db, [10, 200], turns=20, seed_turns=5, warmup=2)
+    assert set(s.data["sizes"]) == {10, 200}
+    assert all(d["turns"] == 20 for d in s.data["sizes"].values())
+    # preload, then per size 2 x (2 warm-up + 20) gate turns (today's, async) + (2 + 5) seed
+    assert s.data["ledger_rows"] == 200 + 2 * 22 + 7
+    assert s.data["counters_exact"] and s.data["reserved"] == 0
+    assert "| history rows |" in s.markdown()
+
+
+async def test_turn_overhead(bench_db):
+    s = await turn_overhead.bench(bench_db, [1, 3], turns=6, rate=200, rounds=2)
+    assert [d["turns"] for d in s.data["levels"].values()] == [6, 6]
+    assert s.data["rows"] == s.data["metered_turns"] >= 12
+    assert s.data["counters_exact"] and s.data["reserved"] == 0
+
+
+async def test_ingest(bench_db):
+    s = await ingest.bench(bench_db, rows=50, batch_rows=120, batch=25, writers=3, users=7)
+    assert s.data["single"]["written"] == 50 and s.data["batch"]["written"] == 120
+    assert s.data["rows_total"] == 170
+    assert s.data["counters_exact"] and s.data["reserved"] == 0 and s.data["reservations"] == 0
+
+
+async def test_processes(bench_db):
+    s = await processes.bench(bench_db, processes=2, users=4, limited=2, seconds=1)
+    d = s.data
+    assert d["turns"] > 0 and d["rows"] == d["turns"]
+    assert d["overshoot"] == 0 and d["deadlocks"] == 0
+    assert d["counters_exact"] and d["reserved"] == 0
+
+
+async def test_memory(bench_db):
+    # In this process rather than a fresh one (saves LiteLLM's import): RSS is not checked.
+    data = await memory.worker(bench_db, sessions=2, max_tokens=2)
+    assert data["answered"] == 3
+    s = memory.section(data, sessions=2, max_tokens=2)
+    assert len(s.rows) == len(data["rss"]) == 5
