@@ -330,3 +330,33 @@ async def test_cards_and_charts_read_the_aggregates(client, conn, pool, boss):
     assert set(users["models"]) == {*MODELS, "phantom"}
     last = next(u for u in users["users"] if u["username"] == "alice")["last_active"]
     assert last and datetime.fromisoformat(last) <= NOW
+
+
+async def test_feedback_on_answers_is_listed_for_admins(client, conn, boss):
+    user = await add_user(conn, "rater")
+    await conn.execute(
+        'insert into "User" (id, identifier) values ($1, $2)', str(user.id), user.username
+    )
+    await conn.execute(
+        'insert into "Thread" (id, name, "userId") values ($1, $2, $3)',
+        "thread-1",
+        "Sea facts",
+        str(user.id),
+    )
+    await conn.execute(
+        'insert into "Step" (id, "threadId", type, output) values'
+        " ('s1', 'thread-1', 'assistant_message', 'The sea is salty.'),"
+        " ('s2', 'thread-1', 'assistant_message', 'Fish can fly.')"
+    )
+    await conn.execute(
+        'insert into "Feedback" ("stepId", name, value, comment) values'
+        " ('s1', 'user_feedback', 1, 'good'), ('s2', 'user_feedback', 0, 'wrong')"
+    )
+    sign_in(client, user)
+    assert (await client.get("/admin/api/feedback")).status_code == 403
+    sign_in(client, boss)
+    rows = (await client.get("/admin/api/feedback")).json()
+    assert {(r["value"], r["comment"], r["username"], r["thread"]) for r in rows} == {
+        ("up", "good", "rater", "Sea facts"),
+        ("down", "wrong", "rater", "Sea facts"),
+    }

@@ -96,6 +96,24 @@ async def admin_from_request(request: Request, pool: asyncpg.Pool) -> asyncpg.Re
 # Cards and charts: usage_aggregates only
 
 
+async def feedback(pool: asyncpg.Pool, limit: int = 50) -> list[dict]:
+    """The newest thumbs up/down on answers, with who gave them and on which chat."""
+    rows = await pool.fetch(
+        'select f."createdAt" as at, f.value, f.comment, u.identifier as username,'
+        " t.id as thread_id, t.name as thread, left(s.output, 200) as answer"
+        ' from public."Feedback" f'
+        ' join public."Step" s on s.id = f."stepId"'
+        ' join public."Thread" t on t.id = s."threadId"'
+        ' left join public."User" u on u.id = t."userId"'
+        ' order by f."createdAt" desc limit $1',
+        limit,
+    )
+    return [
+        {**dict(r), "at": r["at"].isoformat(), "value": "up" if r["value"] > 0 else "down"}
+        for r in rows
+    ]
+
+
 def _day(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
@@ -494,6 +512,10 @@ def build_router(
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
+
+    @router.get("/admin/api/feedback")
+    async def api_feedback(admin: Admin):
+        return await feedback(get_pool())
 
     @router.get("/admin/api/balances")
     async def api_balances(admin: Admin):

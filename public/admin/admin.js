@@ -239,8 +239,31 @@ $("#logs-next").addEventListener("click", () => loadLogs(state.logPage + 1).catc
 $("#logs-prev").addEventListener("click", () => loadLogs(state.logPage - 1).catch((e) => say(e.message, true)));
 $("#logs-first").addEventListener("click", () => loadLogs(0).catch((e) => say(e.message, true)));
 
+// ---- feedback ----------------------------------------------------------------------------
+
+async function loadFeedback() {
+  const rows = await api("/admin/api/feedback");
+  const body = $("#feedback tbody");
+  body.replaceChildren();
+  if (!rows.length) {
+    const tr = document.createElement("tr");
+    cell(tr, "No feedback yet.");
+    body.appendChild(tr);
+  }
+  for (const f of rows) {
+    const tr = document.createElement("tr");
+    cell(tr, when(f.at).slice(0, 16));
+    cell(tr, f.username || "–");
+    cell(tr, f.thread || f.thread_id);
+    cell(tr, f.value === "up" ? "👍" : "👎");
+    cell(tr, f.comment || "");
+    cell(tr, f.answer || "");
+    body.appendChild(tr);
+  }
+}
+
 // ---- start -------------------------------------------------------------------------------
 
-Promise.all([loadSummary(), loadSeries(), loadUsers(), loadLogs(0)])
+Promise.all([loadSummary(), loadSeries(), loadUsers(), loadLogs(0), loadFeedback()])
   .then(() => (document.body.dataset.loaded = "true"))
   .catch((e) => say(e.message, true));
