@@ -90,6 +90,22 @@ def test_first_run_second_run_and_ctrl_c(tmp_path):
     assert not postmaster_running(data_dir)
 
 
+def test_sigterm_stops_app_and_database(tmp_path):
+    data_dir = tmp_path / "data"
+    port = free_port()
+    log = tmp_path / "term.log"
+    proc = launch(data_dir, port, log)
+    try:
+        wait_for_login_page(proc, port, log)
+    finally:
+        proc.terminate()  # SIGTERM to the launcher alone, as a service manager sends it
+        proc.wait(timeout=60)
+    assert "Stopped the embedded database" in log.read_text()
+    assert not postmaster_running(data_dir)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2)
+
+
 def test_auth_secret_is_generated_once(tmp_path, monkeypatch):
     monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
     first = ensure_auth_secret(tmp_path)

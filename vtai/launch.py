@@ -53,6 +53,10 @@ async def prepare(settings: Settings) -> tuple[Database, str | None]:
     return db, password
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     try:
         settings = load_settings()
@@ -92,10 +96,13 @@ def main() -> int:
         ],
         env=env,
     )
+    # A service manager stops us with SIGTERM: shut down the same way as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return child.wait()
     except KeyboardInterrupt:
-        # The terminal sent SIGINT to the child too; give it time to shut down cleanly.
+        # Ctrl-C in a terminal reached the child already; SIGTERM did not, so pass it on.
+        child.send_signal(signal.SIGINT)
         try:
             return child.wait(timeout=15)
         except subprocess.TimeoutExpired:
