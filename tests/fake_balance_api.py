@@ -9,9 +9,10 @@ The Authorization headers it received are kept in `auth_headers`.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from aiohttp import web
+
+from tests.background_server import BackgroundServer
 
 AUTH = web.AppKey("auth", list)
 CREDITS = {"data": {"total_credits": 25.5, "total_usage": 5.25}}
@@ -33,36 +34,13 @@ async def _credits(request: web.Request) -> web.StreamResponse:
     return web.json_response({"unexpected": True})
 
 
-class FakeBalanceApi:
+class FakeBalanceApi(BackgroundServer):
     def __init__(self) -> None:
+        super().__init__()
         self.auth_headers: list[str | None] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self.port = 0
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def build_app(self) -> web.Application:
         app = web.Application()
         app[AUTH] = self.auth_headers
         app.router.add_get("/{mode}/api/v1/credits", _credits)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-
-    def start(self) -> FakeBalanceApi:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def url(self, mode: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{mode}"
+        return app

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 from aiohttp import web
+
+from tests.background_server import BackgroundServer
 
 ANSWER = "Sure. Here is a short and complete answer to your question, in plain words."
 
@@ -99,39 +100,15 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-class FakeProvider:
+class FakeProvider(BackgroundServer):
     """Runs the fake provider in a background thread; `url(mode)` is an api_base."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self.port = 0
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def build_app(self) -> web.Application:
         app = web.Application()
         app["calls"] = self.calls
         app.router.add_post("/{mode}/chat/completions", _completions)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._runner = runner
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-
-    def start(self) -> FakeProvider:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def url(self, mode: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{mode}"
+        return app
