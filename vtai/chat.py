@@ -81,21 +81,28 @@ async def _quota_line() -> str:
     return quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
 
 
-async def start(past: list[dict] | None = None) -> None:
+async def start(past: list[dict] | None = None, model: str | None = None) -> None:
     s = services()
     offered = models.available_models(s.settings.model)
+    chosen = offered.index(model) if model in offered else 0
     cl.user_session.set("history", past or [])
-    cl.user_session.set("model", offered[0])
+    cl.user_session.set("model", offered[chosen])
     await cl.ChatSettings(
-        [Select(id="model", label="Model", values=offered, initial_index=0)]
+        [Select(id="model", label="Model", values=offered, initial_index=chosen)]
     ).send()
     # A button by the message box: the quota is always one click away.
     await cl.context.emitter.set_commands([USAGE_COMMAND])
 
 
 async def resume(thread: dict) -> None:
-    """Continue a stored chat with the model seeing what was said before."""
-    await start(history.messages_from_thread(thread))
+    """Continue a stored chat with the model seeing what was said before, on its model."""
+    # The chat's last metered turn says which model it used (indexed by session_id).
+    model = await services().db.pool.fetchval(
+        "select model from public.request_logs where session_id = $1"
+        " order by created_at desc limit 1",
+        thread["id"],
+    )
+    await start(history.messages_from_thread(thread), model)
 
 
 async def settings_update(values: dict) -> None:
