@@ -279,16 +279,25 @@ def _python_for(user: pwd.struct_passwd) -> str | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="the other tests already run as a normal user")
-def test_works_as_a_normal_user():
+def _nobody():
+    """(user, python) for the unprivileged 'nobody', or None where that can't run here."""
+    if os.geteuid() != 0:
+        return None  # the other tests already run as a normal user
     try:
         user = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user 'nobody'")
+        return None
     python = _python_for(user)
-    if python is None:
-        pytest.skip("no Python interpreter that user 'nobody' can run")
+    return (user, python) if python else None
+
+
+NOBODY = _nobody()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NOBODY is None, reason="needs root and a 'nobody' user that can run Python")
+def test_works_as_a_normal_user():
+    user, python = NOBODY
     site_packages = Path(asyncpg.__file__).resolve().parent.parent
     home = Path(tempfile.mkdtemp(prefix="vtai-nobody-"))
     os.chown(home, user.pw_uid, user.pw_gid)
