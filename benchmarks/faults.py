@@ -29,11 +29,11 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import asyncpg  # noqa: E402
 
-from tests.conftest import create_database, make_settings  # noqa: E402
+from tests.conftest import build_template, create_database, make_settings  # noqa: E402
 from tests.fake_provider import FakeProvider  # noqa: E402
 from tests.test_app_kill import kill_mid_burst, setup_users  # noqa: E402
 from tests.test_embedded_pg import kill_postmaster  # noqa: E402
-from vtai import embedded_pg, migrations  # noqa: E402
+from vtai import embedded_pg  # noqa: E402
 from vtai.callback import estimate_tokens  # noqa: E402
 from vtai.services import Services  # noqa: E402
 from vtai.turn import TurnRequest, TurnRunner  # noqa: E402
@@ -61,6 +61,24 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
+def row_from_facts(scenario: str, results: list, facts: dict, began: float, notes: list) -> Row:
+    """A scenario where every attempted turn must end as one ledger row."""
+    return Row(
+        scenario,
+        len(results),
+        len(results),
+        facts["found"],
+        sum(r.tokens for r in results),
+        facts["tokens_found"],
+        facts["overshoot"],
+        facts["counters_ok"],
+        facts["reserved"],
+        facts["duplicates"],
+        time.monotonic() - began,
+        notes,
+    )
+
+
 @dataclass
 class Finished:
     call_id: str
@@ -75,21 +93,6 @@ async def _ignore(_token: str) -> None:
 async def new_database(server_url: str, users: int, limit: int) -> tuple[str, list[uuid.UUID]]:
     url = await create_database(server_url, TEMPLATE)
     return url, await setup_users(url, users, limit)
-
-
-async def build_template(server_url: str) -> None:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'drop database if exists "{TEMPLATE}"')
-        await admin.execute(f'create database "{TEMPLATE}"')
-    finally:
-        await admin.close()
-    url = server_url.rsplit("/", 1)[0] + "/" + TEMPLATE
-    conn = await asyncpg.connect(url)
-    try:
-        await migrations.apply_pending(conn)
-    finally:
-        await conn.close()
 
 
 def expected_tokens(text: str, outcome) -> int:
@@ -202,18 +205,11 @@ async def db_kill(server, provider, data: Path, mode: str, turns: int, limit: in
     assert url.split("@")[1].startswith(f"127.0.0.1:{server.port}/"), "the server moved"
     facts = await ledger_facts(url, {r.call_id for r in results}, limit)
     kinds = {k: sum(r.kind == k for r in results) for k in ("answered", "refused", "failed")}
-    return Row(
+    return row_from_facts(
         f"database SIGKILLed mid-burst, gate {mode}",
-        turns,
-        turns,
-        facts["found"],
-        sum(r.tokens for r in results),
-        facts["tokens_found"],
-        facts["overshoot"],
-        facts["counters_ok"],
-        facts["reserved"],
-        facts["duplicates"],
-        time.monotonic() - began,
+        results,
+        facts,
+        began,
         [
             ", ".join(f"{v} {k}" for k, v in kinds.items() if v),
             f"{spooled.waiting} left in spool, {spooled.quarantined} quarantined",
@@ -286,19 +282,8 @@ async def provider_fault(server, provider, data: Path, mode: str, turns: int) ->
     facts = await ledger_facts(url, {r.call_id for r in results}, limit)
     lags = [committed_at[c] - t for c, t in finished_at.items() if c in committed_at]
     kinds = sorted({r.kind for r in results})
-    row = Row(
-        f"provider {mode}",
-        turns,
-        turns,
-        facts["found"],
-        sum(r.tokens for r in results),
-        facts["tokens_found"],
-        facts["overshoot"],
-        facts["counters_ok"],
-        facts["reserved"],
-        facts["duplicates"],
-        time.monotonic() - began,
-        [f"outcomes: {', '.join(kinds)}"],
+    row = row_from_facts(
+        f"provider {mode}", results, facts, began, [f"outcomes: {', '.join(kinds)}"]
     )
     return row, {"mode": mode, "lags": lags}
 
@@ -427,7 +412,7 @@ async def main(scale: float) -> str:
     lags: list[dict] = []
     n = max(int(500 * scale), 40)
     try:
-        await build_template(server.url)
+        await build_template(server.url, TEMPLATE)
         conn = await asyncpg.connect(server.url)
         pg_version = await conn.fetchval("show server_version")
         await conn.close()
