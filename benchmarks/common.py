@@ -143,6 +143,17 @@ async def database(url: str | None):
             await asyncio.to_thread(server.stop)
 
 
+@contextlib.contextmanager
+def data_dir():
+    """A scratch app data directory where the app keeps its own (`.vtai/`), not in /tmp: on
+    these machines /tmp takes about 1 ms to create a file, 25 times the project's disk, and
+    the ledger creates one per turn while the row is in flight."""
+    base = ROOT / ".vtai"
+    base.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=base) as tmp:
+        yield Path(tmp)
+
+
 async def add_bench_tier(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:

@@ -90,3 +90,15 @@ async def test_replay_settles_the_reservation(db_url, conn, tmp_path):
 def test_bad_data_is_told_apart_from_outage():
     assert is_bad_data(asyncpg.InvalidTextRepresentationError("bad uuid"))
     assert not is_bad_data(ConnectionRefusedError())
+
+
+def test_rows_left_in_flight_are_recovered_and_an_unwritten_hold_is_dropped(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    kept = spool.hold({"litellm_call_id": "a", "status": "success"})
+    # A process killed between creating a hold file and writing it leaves it empty.
+    (kept.parent / "empty.json").write_bytes(b"")
+    (kept.parent / "torn.json").write_bytes(b'{"litellm_call_id": "b", "sta')
+    assert spool.recover_inflight() == 1
+    status = spool.status()
+    assert (status.waiting, status.quarantined) == (1, 1)
+    assert list(kept.parent.iterdir()) == []

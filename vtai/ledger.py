@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -42,36 +43,72 @@ def is_bad_data(exc: BaseException) -> bool:
     )
 
 
-class Ledger:
-    def __init__(
-        self, pool: asyncpg.Pool, spool: Spool, period: str = "month", timeout: float = 5.0
-    ):
+class PostgresStore:
+    """The ledger's database: `vtai_record_batch()` over the app's asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool, period: str = "month", timeout: float = 5.0):
         self.pool = pool
-        self.spool = spool
         self.period = period
         self.timeout = timeout
+
+    async def record_batch(self, rows: list[dict]) -> list[bool]:
+        """One transaction for all rows: True for each row that is new, in order."""
+        # The timeout covers waiting for a connection too: a busy or wedged pool must send
+        # the rows to the spool, not hold them in memory. Sent as text so the result doesn't
+        # depend on the pool's JSON codec.
+        async with self.pool.acquire(timeout=self.timeout) as conn:
+            result = await conn.fetchval(
+                "select public.vtai_record_batch($1::text::jsonb, $2)",
+                json.dumps(rows, default=str),
+                self.period,
+                timeout=self.timeout,
+            )
+        return list(result)
+
+    @staticmethod
+    def is_unavailable(exc: BaseException) -> bool:
+        return isinstance(exc, UNAVAILABLE)
+
+    is_bad_data = staticmethod(is_bad_data)
+
+
+class Ledger:
+    """Rows queue here and go to the database in batches: whatever arrived while the previous
+    batch was being written goes in the next one, so a quiet app writes each row at once and a
+    busy one pays one transaction (and one WAL flush) per batch instead of per turn."""
+
+    def __init__(
+        self,
+        store: asyncpg.Pool | PostgresStore,
+        spool: Spool,
+        period: str = "month",
+        timeout: float = 5.0,
+        batch_size: int = 100,
+        writers: int = 2,
+    ):
+        # Anything with record_batch / is_unavailable / is_bad_data will do (the Supabase
+        # REST store is one); a pool gets the direct Postgres store.
+        self.store = (
+            PostgresStore(store, period, timeout) if isinstance(store, asyncpg.Pool) else store
+        )
+        self.spool = spool
+        self.batch_size = batch_size
+        self.writers = writers
+        self._queue: deque[tuple[dict, Path, asyncio.Future]] = deque()
+        self._flushers: set[asyncio.Task] = set()
         self._replayer: asyncio.Task | None = None
         self._wake = asyncio.Event()
 
     async def write(self, row: dict) -> bool:
-        """Send one row to the database: True if new, False if it was already recorded."""
-        # The timeout covers waiting for a connection too: a busy or wedged pool must send
-        # the row to the spool, not hold it in memory. Sent as text so the result doesn't
-        # depend on the pool's JSON codec.
-        async with self.pool.acquire(timeout=self.timeout) as conn:
-            return await conn.fetchval(
-                "select public.vtai_record($1::text::jsonb, $2)",
-                json.dumps(sanitize(row), default=str),
-                self.period,
-                timeout=self.timeout,
-            )
+        """Send one row now: True if new, False if it was already recorded. Raises on failure."""
+        return (await self.store.record_batch([sanitize(row)]))[0]
 
     def hold(self, row: dict) -> Path:
         """Keep the row on local disk now, before any await, until record() settles it."""
         return self.spool.hold(sanitize(row))
 
     async def record(self, row: dict, held: Path | None = None) -> bool | None:
-        """Write a row; on any failure spool it instead. None means spooled.
+        """Write a row with the next batch; on any failure spool it instead. None: spooled.
 
         While the write is pending the row sits in the spool's in-flight directory (`held`,
         if the caller already put it there), so a process killed mid-write leaves it for the
@@ -79,27 +116,54 @@ class Ledger:
         """
         row = sanitize(row)
         held = held or self.spool.hold(row)
-        result = await self._write_or_spool(row)
-        held.unlink(missing_ok=True)
-        return result
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((row, held, future))
+        if len(self._flushers) < self.writers:
+            task = asyncio.create_task(self._flush())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        # Shielded: a cancelled turn must not cancel the write of its row.
+        return await asyncio.shield(future)
 
-    async def _write_or_spool(self, row: dict) -> bool | None:
+    async def _flush(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.batch_size))]
+            try:
+                results = await self._write_or_spool([row for row, _, _ in batch])
+            except BaseException as exc:
+                # Not even the spool took them: their in-flight copies stay for the next start.
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, held, future), result in zip(batch, results, strict=True):
+                held.unlink(missing_ok=True)
+                if not future.done():
+                    future.set_result(result)
+
+    async def _write_or_spool(self, rows: list[dict]) -> list[bool | None]:
         try:
-            return await self.write(row)
+            return await self.store.record_batch(rows)
         except Exception as exc:
-            if not isinstance(exc, UNAVAILABLE):
+            if len(rows) > 1 and self.store.is_bad_data(exc):
+                # One bad row must not send its batch-mates to the spool: write them singly.
+                return [r for row in rows for r in await self._write_or_spool([row])]
+            if not self.store.is_unavailable(exc):
                 log.error(
-                    "ledger write rejected (%s: %s); spooling row %s",
+                    "ledger write rejected (%s: %s); spooling %d row(s), first %s",
                     type(exc).__name__,
                     exc,
-                    row.get("litellm_call_id"),
+                    len(rows),
+                    rows[0].get("litellm_call_id"),
                 )
-            await asyncio.to_thread(self.spool.append, row)
+            await asyncio.to_thread(self.spool.append_many, rows)
             self._wake.set()
-            return None
+            return [None] * len(rows)
 
     async def replay(self) -> ReplayResult:
-        return await self.spool.replay(self.write, is_bad_data)
+        return await self.spool.replay(self.write, self.store.is_bad_data)
 
     async def recover(self) -> int:
         """At start-up: spool the rows a dead process was still writing, for replay."""
@@ -132,6 +196,8 @@ class Ledger:
                 pass
 
     async def stop(self) -> None:
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
         if self._replayer is not None:
             self._replayer.cancel()
             await asyncio.gather(self._replayer, return_exceptions=True)

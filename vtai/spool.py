@@ -89,13 +89,19 @@ class Spool:
 
     def append(self, record: dict) -> None:
         """Durably add one record. Blocking: call it from a thread in async code."""
-        line = (json.dumps(record, ensure_ascii=True, default=str) + "\n").encode()
+        self.append_many([record])
+
+    def append_many(self, records: list[dict]) -> None:
+        """Durably add records with one fsync. Blocking: call it from a thread."""
+        data = b"".join(
+            (json.dumps(r, ensure_ascii=True, default=str) + "\n").encode() for r in records
+        )
         with self._lock:
             handle = self._locked()
             try:
                 fd = os.open(self.directory / ACTIVE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
-                    os.write(fd, line)
+                    os.write(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -123,10 +129,16 @@ class Spool:
         """Move rows left in flight by a dead process into the spool; returns how many."""
         moved = 0
         for path in sorted((self.directory / INFLIGHT).glob("*.json")):
+            raw = path.read_bytes()
+            if not raw:
+                # Killed between creating the file and writing it: hold() never returned, so
+                # there is no row to recover.
+                path.unlink(missing_ok=True)
+                continue
             try:
-                record = json.loads(path.read_bytes())
+                record = json.loads(raw)
             except ValueError as exc:
-                self._quarantine(path.read_bytes(), f"unreadable in-flight row: {exc}")
+                self._quarantine(raw, f"unreadable in-flight row: {exc}")
             else:
                 self.append(record)
                 moved += 1
