@@ -65,3 +65,107 @@ def test_picker_lists_local_plus_configured_providers_and_ignores_chainlit_ci_ke
 def test_data_dir_default_is_dot_vtai(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert load_settings({}).data_dir == Path(tmp_path / ".vtai")
+
+
+def _jwt(role: str) -> str:
+    from tests.fake_postgrest import token
+
+    return token(role)
+
+
+SERVICE, ANON = _jwt("service_role"), _jwt("anon")
+URL = "https://project.supabase.co"
+
+
+@pytest.mark.parametrize(
+    ("env", "rest", "auth"),
+    [
+        (
+            {"SUPABASE_URL": URL, "SUPABASE_SERVICE_ROLE_KEY": SERVICE, "SUPABASE_ANON_KEY": ANON},
+            True,
+            True,
+        ),
+        # The seeds' name for the service key.
+        (
+            {"SUPABASE_URL": URL, "SUPABASE_SERVICE_KEY": SERVICE, "SUPABASE_ANON_KEY": ANON},
+            True,
+            True,
+        ),
+        # A database URL wins over the REST path; the keys still serve Supabase Auth.
+        (
+            {
+                "SUPABASE_URL": URL,
+                "SUPABASE_SERVICE_ROLE_KEY": SERVICE,
+                "SUPABASE_ANON_KEY": ANON,
+                "SUPABASE_DB_URL": "postgresql://u:p@db.example.co:5432/postgres",
+            },
+            False,
+            True,
+        ),
+        (
+            {
+                "SUPABASE_URL": URL,
+                "SUPABASE_ANON_KEY": "sb_publishable_abc",
+                "VTAI_DATABASE_URL": "postgresql://u:p@h:5432/db",
+            },
+            False,
+            True,
+        ),
+    ],
+)
+def test_supabase_paths(env, rest, auth):
+    s = load_settings(env)
+    assert (s.rest_metering, s.supabase_auth, s.embedded) == (rest, auth, False)
+    assert SERVICE not in repr(s) and ANON not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "says"),
+    [
+        ({"SUPABASE_URL": URL}, "SUPABASE_URL", "without a key"),
+        ({"SUPABASE_SERVICE_ROLE_KEY": SERVICE}, "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_URL"),
+        ({"SUPABASE_ANON_KEY": ANON}, "SUPABASE_ANON_KEY", "SUPABASE_URL is not"),
+        (
+            {"SUPABASE_URL": "project.supabase.co", "SUPABASE_ANON_KEY": ANON},
+            "SUPABASE_URL",
+            "https://",
+        ),
+        (
+            {"SUPABASE_URL": URL, "SUPABASE_SERVICE_ROLE_KEY": ANON, "SUPABASE_ANON_KEY": ANON},
+            "SUPABASE_SERVICE_ROLE_KEY",
+            "holds the anon key",
+        ),
+        (
+            {
+                "SUPABASE_URL": URL,
+                "SUPABASE_SERVICE_KEY": "sb_publishable_x",
+                "SUPABASE_ANON_KEY": ANON,
+            },
+            "SUPABASE_SERVICE_KEY",
+            "service_role (secret)",
+        ),
+        (
+            {
+                "SUPABASE_URL": URL,
+                "SUPABASE_SERVICE_ROLE_KEY": SERVICE,
+                "SUPABASE_ANON_KEY": SERVICE,
+            },
+            "SUPABASE_ANON_KEY",
+            "holds the service_role key",
+        ),
+        # Nowhere to keep profiles next to auth.users.
+        ({"SUPABASE_URL": URL, "SUPABASE_ANON_KEY": ANON}, "SUPABASE_ANON_KEY", "SUPABASE_DB_URL"),
+        # REST metering with nobody able to log in: local passwords live in the database.
+        (
+            {"SUPABASE_URL": URL, "SUPABASE_SERVICE_ROLE_KEY": SERVICE},
+            "SUPABASE_SERVICE_ROLE_KEY",
+            "SUPABASE_ANON_KEY",
+        ),
+    ],
+)
+def test_half_configured_supabase_is_one_line_without_the_keys(env, variable, says):
+    with pytest.raises(SettingsError) as err:
+        load_settings(env)
+    message = str(err.value)
+    assert message.startswith(variable) and says in message and "\n" not in message
+    assert SERVICE not in message and ANON not in message and "sb_" not in message

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from tests import test_migrations
 from tests.conftest import ROOT
@@ -84,6 +91,45 @@ async def test_check_detects_policy_drift_and_rls_script_repairs_it(empty_db_url
         assert "policies: already as the migrations define them" in again.stdout
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="module")
+def password_server(request):
+    """A Postgres that checks passwords: the embedded one (initdb --auth=scram-sha-256).
+
+    A server named by VTAI_TEST_DATABASE_URL may trust everyone (CI's does), so then the test
+    starts an embedded server of its own.
+    """
+    if not os.environ.get("VTAI_TEST_DATABASE_URL"):
+        yield request.getfixturevalue("pg_server")
+        return
+    from vtai import embedded_pg
+
+    data_dir = Path(tempfile.mkdtemp(prefix="vtai-test-pw-pg-"))
+    server = embedded_pg.start(data_dir)
+    yield server.url
+    server.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.mark.db
+async def test_bad_password_is_one_line_without_the_password(password_server):
+    role, secret = f"vtai_pw_{uuid.uuid4().hex[:8]}", "the-right-one-7f3a"
+    admin = await asyncpg.connect(password_server)
+    try:
+        await admin.execute(f"create role {role} login password '{secret}'")
+        parts = urlsplit(password_server)
+        wrong = "hunter2-wrong-9c1e"
+        netloc = f"{role}:{quote(wrong)}@{parts.hostname}:{parts.port}"
+        result = setup("--db-url", urlunsplit(parts._replace(netloc=netloc)))
+    finally:
+        await admin.execute(f"drop role if exists {role}")
+        await admin.close()
+    assert result.returncode == 3 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rejected the user or password" in lines[0], result.stderr
+    assert wrong not in result.stderr and secret not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_unreachable_host_is_one_line_without_the_password():

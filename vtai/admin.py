@@ -415,8 +415,12 @@ def _filter(request: Request) -> LogFilter:
 
 def _services_pool() -> asyncpg.Pool:
     from vtai import chat
+    from vtai.settings import NEEDS_DATABASE
 
-    return chat.services().db.pool
+    db = chat.services().db
+    if db is None:
+        raise HTTPException(503, f"The admin dashboard {NEEDS_DATABASE}")
+    return db.pool
 
 
 def _services_period() -> str:

@@ -12,7 +12,7 @@ import uuid
 import chainlit as cl
 from chainlit.input_widget import Select
 
-from vtai import balances, history, models, quota, users
+from vtai import balances, history, models, quota
 from vtai.services import Services
 from vtai.settings import load_settings
 from vtai.turn import TurnRequest
@@ -41,7 +41,8 @@ async def startup() -> None:
     global _services, _balance_sync
     if _services is None:
         _services = await Services.start(load_settings())
-        _balance_sync = balances.start_periodic(_services.db.pool)
+        if _services.db is not None:
+            _balance_sync = balances.start_periodic(_services.db.pool)
         if _services.settings.model == models.LOCAL_MODEL_ID:
             # Load the model now rather than on the first user's first message.
             from vtai import local_model
@@ -59,8 +60,7 @@ async def shutdown() -> None:
 
 
 async def login(username: str, password: str) -> cl.User | None:
-    s = services()
-    profile = await users.authenticate(s.db.pool, username, password, s.throttle)
+    profile = await services().authenticate(username, password)
     if profile is None:
         return None
     return cl.User(
@@ -97,11 +97,14 @@ async def start(past: list[dict] | None = None, model: str | None = None) -> Non
 async def resume(thread: dict) -> None:
     """Continue a stored chat with the model seeing what was said before, on its model."""
     # The chat's last metered turn says which model it used (indexed by session_id).
-    model = await services().db.pool.fetchval(
-        "select model from public.request_logs where session_id = $1"
-        " order by created_at desc limit 1",
-        thread["id"],
-    )
+    db = services().db
+    model = None
+    if db is not None:
+        model = await db.pool.fetchval(
+            "select model from public.request_logs where session_id = $1"
+            " order by created_at desc limit 1",
+            thread["id"],
+        )
     await start(history.messages_from_thread(thread), model)
 
 

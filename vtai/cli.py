@@ -14,7 +14,7 @@ from vtai import balances, quota, users
 from vtai.db import Database, DatabaseError
 from vtai.gate import Gate
 from vtai.ledger import Ledger
-from vtai.settings import Settings, SettingsError, load_settings
+from vtai.settings import NEEDS_DATABASE, Settings, SettingsError, load_settings
 from vtai.spool import ReplayStopped, Spool
 
 
@@ -32,6 +32,10 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
+    if settings.rest_metering:
+        # Without this, the command would quietly work on an embedded database instead.
+        hint = "; with Supabase Auth, manage users in the Supabase dashboard"
+        raise CliError(f"this command {NEEDS_DATABASE}{hint}")
     db = await Database(settings, pool_size=2).open()
     try:
         return await work(db)
@@ -127,20 +131,34 @@ async def spool_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _replay(ledger: Ledger) -> int:
+    # Rows a dead app process was still writing; a live one's come back as no-op duplicates.
+    await ledger.recover()
+    try:
+        r = await ledger.replay()
+    except ReplayStopped as exc:
+        raise CliError(f"replay stopped, the database stopped answering: {exc}") from None
+    print(
+        f"replayed {r.recorded} row(s), {r.duplicates} already recorded, "
+        f"{r.quarantined} quarantined"
+    )
+    return 0
+
+
 async def spool_replay(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(db: Database) -> int:
-        ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
-        # Rows a dead app process was still writing; a live one's come back as no-op duplicates.
-        await ledger.recover()
-        try:
-            r = await ledger.replay()
-        except ReplayStopped as exc:
-            raise CliError(f"replay stopped, the database stopped answering: {exc}") from None
-        print(
-            f"replayed {r.recorded} row(s), {r.duplicates} already recorded, "
-            f"{r.quarantined} quarantined"
+    if settings.rest_metering:
+        from vtai.supabase_store import SupabaseStore
+
+        store = await SupabaseStore.connect(
+            settings.supabase_url, settings.supabase_service_key, settings.usage_period
         )
-        return 0
+        try:
+            return await _replay(Ledger(store, Spool(settings.spool_dir)))
+        finally:
+            await store.close()
+
+    async def work(db: Database) -> int:
+        return await _replay(Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period))
 
     return await _with_db(settings, work)
 

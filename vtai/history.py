@@ -41,7 +41,10 @@ def enabled() -> bool:
 
 
 def data_layer(services) -> VtaiDataLayer | None:
-    if services is None or not services.settings.history or not services.db.url:
+    if services is None or not services.settings.history:
+        return None
+    # REST-only metering has no database to keep chats in (Services.start logs it).
+    if services.db is None or not services.db.url:
         return None
     return VtaiDataLayer(services.db.url)
 

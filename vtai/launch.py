@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from vtai import users
 from vtai.db import Database, DatabaseError
@@ -45,12 +46,25 @@ async def ensure_admin(db: Database, settings: Settings) -> str | None:
         return password
 
 
-async def prepare(settings: Settings) -> tuple[Database, str | None]:
+async def prepare(settings: Settings) -> tuple[Database | None, str | None]:
+    if settings.rest_metering:
+        # Nothing to migrate or seed from here: the project's database is set up with
+        # scripts/setup_supabase.py, and users sign in through Supabase Auth.
+        return None, None
     db = await Database(settings, pool_size=2).open()
-    password = await ensure_admin(db, settings)
+    # A local admin could never log in while logins go to Supabase Auth.
+    password = None if settings.supabase_auth else await ensure_admin(db, settings)
     await db.pool.close()
     db.pool = None
     return db, password
+
+
+def _where(settings: Settings) -> str:
+    if settings.rest_metering:
+        return f"Supabase REST API at {urlsplit(settings.supabase_url).hostname}"
+    if settings.embedded:
+        return f"embedded Postgres in {settings.data_dir}"
+    return "your DB"
 
 
 def _interrupt(signum, frame) -> None:
@@ -67,9 +81,13 @@ def main() -> int:
         return 2
     host = os.environ.get("CHAINLIT_HOST", "127.0.0.1")
     port = os.environ.get("CHAINLIT_PORT", "8000")
-    where = "embedded Postgres in " + str(settings.data_dir) if settings.embedded else "your DB"
-    print(f"\nVT.ai is starting on http://{host}:{port} ({where}).")
-    if password:
+    print(f"\nVT.ai is starting on http://{host}:{port} ({_where(settings)}).")
+    if settings.supabase_auth:
+        print(
+            "Log in with a Supabase Auth user's email and password. Make one an admin in the "
+            "SQL editor: update public.profiles set is_admin = true where username = 'EMAIL';\n"
+        )
+    elif password:
         print(f"First run: log in as '{settings.admin_username}' with password: {password}")
         print(
             "This password is shown once. Change it: vtai user password "
@@ -109,7 +127,8 @@ def main() -> int:
             child.send_signal(signal.SIGTERM)
             return child.wait()
     finally:
-        asyncio.run(db.close())
+        if db is not None:
+            asyncio.run(db.close())
         if settings.embedded:
             print("Stopped the embedded database.")
 

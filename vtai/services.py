@@ -1,6 +1,8 @@
 """Everything a running VT.ai process shares: database, gate, ledger, callback, turn runner.
 
-Built once per process at start-up (Chainlit's on_app_startup, the CLI, or a test).
+Built once per process at start-up (Chainlit's on_app_startup, the CLI, or a test). Metering
+takes one of three paths (docs/supabase.md): a database URL (direct, preferred), else a
+Supabase URL and service key (REST, `db` is None), else the embedded Postgres.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from dataclasses import dataclass
 
 import litellm
 
+from vtai import supabase_login, users
 from vtai.callback import CallNotes, MeteringLogger
 from vtai.db import Database
 from vtai.gate import Gate
 from vtai.ledger import Ledger
-from vtai.settings import Settings
+from vtai.settings import NEEDS_DATABASE, Settings
 from vtai.spool import Spool
+from vtai.supabase_login import SupabaseAuth
+from vtai.supabase_store import SupabaseStore
 from vtai.turn import TurnRunner
-from vtai.users import LoginThrottle
+from vtai.users import LoginThrottle, Profile
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +31,43 @@ log = logging.getLogger(__name__)
 @dataclass
 class Services:
     settings: Settings
-    db: Database
-    gate: Gate
+    # None in REST mode: then `store` is the gate and the ledger's store.
+    db: Database | None
+    gate: Gate | SupabaseStore
     ledger: Ledger
     runner: TurnRunner
     callback: MeteringLogger
     throttle: LoginThrottle
+    store: SupabaseStore | None = None
+    auth: SupabaseAuth | None = None
 
     @classmethod
     async def start(cls, settings: Settings, replay: bool = True, pool_size: int = 10) -> Services:
-        db = await Database(settings, pool_size=pool_size).open()
-        gate = Gate(
-            db.pool, settings.usage_period, settings.reservation_ttl, settings.gate_fail_mode
-        )
-        ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
+        db = store = auth = None
+        if settings.rest_metering:
+            store = await SupabaseStore.connect(
+                settings.supabase_url,
+                settings.supabase_service_key,
+                settings.usage_period,
+                settings.reservation_ttl,
+                settings.gate_fail_mode,
+            )
+            gate = store
+            ledger = Ledger(store, Spool(settings.spool_dir))
+            log.warning(
+                "metering over the Supabase REST API (no database URL); chat history, the "
+                "/admin dashboard, balance sync and `vtai user` are off: each %s",
+                NEEDS_DATABASE,
+            )
+        else:
+            db = await Database(settings, pool_size=pool_size).open()
+            gate = Gate(
+                db.pool, settings.usage_period, settings.reservation_ttl, settings.gate_fail_mode
+            )
+            ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
+        if settings.supabase_auth:
+            auth = await SupabaseAuth.connect(settings.supabase_url, settings.supabase_anon_key)
+            log.info("password logins go to Supabase Auth (SUPABASE_ANON_KEY is set)")
         notes = CallNotes()
         callback = MeteringLogger(ledger, settings.log_content, notes)
         register_callback(callback)
@@ -52,7 +80,16 @@ class Services:
             settings.gate_fail_mode,
         )
         runner = TurnRunner(gate, ledger, notes, settings)
-        return cls(settings, db, gate, ledger, runner, callback, LoginThrottle())
+        return cls(settings, db, gate, ledger, runner, callback, LoginThrottle(), store, auth)
+
+    async def authenticate(self, username: str, password: str) -> Profile | None:
+        """The profile for a login form's name and password: Supabase Auth or local argon2."""
+        if self.auth is not None:
+            profiles = self.store if self.store is not None else users.PoolProfiles(self.db.pool)
+            return await supabase_login.login(
+                self.auth, profiles, username, password, self.throttle
+            )
+        return await users.authenticate(self.db.pool, username, password, self.throttle)
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait for every pending ledger write: LiteLLM's queued hooks and the turn's own."""
@@ -69,7 +106,12 @@ class Services:
         await self.flush()
         await self.ledger.stop()
         unregister_callback(self.callback)
-        await self.db.close()
+        if self.auth is not None:
+            await self.auth.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.db is not None:
+            await self.db.close()
 
 
 def register_callback(callback: MeteringLogger) -> None:

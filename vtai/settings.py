@@ -5,6 +5,8 @@ Every bad value stops start-up with one line that names the variable (SettingsEr
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,12 @@ LIMIT_VARS = {
     "basic": "VTAI_LIMIT_BASIC",
     "premium": "VTAI_LIMIT_PREMIUM",
 }
+
+# What the features that need SQL of their own say in REST mode.
+NEEDS_DATABASE = (
+    "needs a direct database connection, which REST-only metering has not got: "
+    "set SUPABASE_DB_URL (or VTAI_DATABASE_URL) to turn it on"
+)
 
 # `chainlit run` in CI mode (CI=true) plants this key; it must not count as a configured key.
 CHAINLIT_FAKE_OPENAI_KEY = "sk-FAKE-OPENAI-API-KEY"
@@ -43,10 +51,28 @@ class Settings:
     reservation_ttl: int = 900
     history: bool = True
     admin_username: str = "admin"
+    # Keys stay out of repr(), so a logged Settings never carries them.
+    supabase_url: str | None = None
+    supabase_service_key: str | None = field(default=None, repr=False)
+    supabase_anon_key: str | None = field(default=None, repr=False)
+
+    @property
+    def rest_metering(self) -> bool:
+        """Metering over Supabase's REST API: a service key and no database URL.
+
+        A database URL wins when both are set: one round trip per call, transactions, and no
+        REST gateway in between (docs/supabase.md).
+        """
+        return self.database_url is None and bool(self.supabase_url and self.supabase_service_key)
 
     @property
     def embedded(self) -> bool:
-        return self.database_url is None
+        return self.database_url is None and not self.rest_metering
+
+    @property
+    def supabase_auth(self) -> bool:
+        """Password logins go to Supabase Auth rather than VT.ai's own credential store."""
+        return bool(self.supabase_url and self.supabase_anon_key)
 
     @property
     def spool_dir(self) -> Path:
@@ -92,6 +118,87 @@ def _database_url(env: dict[str, str]) -> str | None:
     return None
 
 
+def _supabase_url(env: dict[str, str]) -> str | None:
+    url = env.get("SUPABASE_URL", "").strip().rstrip("/")
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(
+            "SUPABASE_URL: expected the project URL, https://PROJECT.supabase.co "
+            "(Project Settings -> API)"
+        )
+    return url
+
+
+def key_role(key: str) -> str | None:
+    """The role a Supabase API key acts as ('anon', 'service_role'), read without verifying it.
+
+    Legacy keys are JWTs with a `role` claim; new keys say it in their prefix. None: unknown.
+    """
+    if key.startswith("sb_publishable_"):
+        return "anon"
+    if key.startswith("sb_secret_"):
+        return "service_role"
+    parts = key.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    role = claims.get("role") if isinstance(claims, dict) else None
+    return role if isinstance(role, str) else None
+
+
+def _supabase_keys(env: dict[str, str], url: str | None, database_url: str | None):
+    """(service key, anon key), refusing half-configured combinations. Never echoes a key."""
+    service_var = next(
+        (
+            n
+            for n in ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_SERVICE_KEY")
+            if env.get(n, "").strip()
+        ),
+        None,
+    )
+    service = env[service_var].strip() if service_var else None
+    anon = env.get("SUPABASE_ANON_KEY", "").strip() or None
+    if url is None:
+        for name, value in ((service_var, service), ("SUPABASE_ANON_KEY", anon)):
+            if value:
+                raise SettingsError(
+                    f"{name} is set but SUPABASE_URL is not: add the project URL "
+                    "(Project Settings -> API) or remove the key"
+                )
+        return None, None
+    if service is None and anon is None:
+        raise SettingsError(
+            "SUPABASE_URL is set without a key: add SUPABASE_SERVICE_ROLE_KEY (metering over "
+            "REST) and/or SUPABASE_ANON_KEY (Supabase Auth login), or remove SUPABASE_URL"
+        )
+    if service is not None and key_role(service) not in (None, "service_role"):
+        raise SettingsError(
+            f"{service_var} holds the {key_role(service)} key: use the service_role (secret) "
+            "key from Project Settings -> API Keys"
+        )
+    if anon is not None and key_role(anon) == "service_role":
+        raise SettingsError(
+            "SUPABASE_ANON_KEY holds the service_role key: put the anon (public) key there "
+            "and keep the service_role key in SUPABASE_SERVICE_ROLE_KEY only"
+        )
+    if database_url is None and service is None:
+        raise SettingsError(
+            "SUPABASE_ANON_KEY: Supabase Auth login needs the project's database for profiles "
+            "and usage: set SUPABASE_DB_URL or SUPABASE_SERVICE_ROLE_KEY"
+        )
+    if database_url is None and anon is None:
+        raise SettingsError(
+            f"{service_var}: metering over REST (no database URL) needs SUPABASE_ANON_KEY for "
+            "login, since passwords then live in Supabase Auth; or set SUPABASE_DB_URL"
+        )
+    return service, anon
+
+
 def _model(env: dict[str, str]) -> str:
     from vtai.models import LOCAL_MODEL_ID, validate_model_id
 
@@ -109,8 +216,11 @@ def load_settings(env: dict[str, str] | None = None, dotenv: bool = True) -> Set
             load_dotenv(override=False)
         env = dict(os.environ)
     limits = {tier: _int(env, var, -1) for tier, var in LIMIT_VARS.items()}
+    database_url = _database_url(env)
+    supabase_url = _supabase_url(env)
+    service_key, anon_key = _supabase_keys(env, supabase_url, database_url)
     return Settings(
-        database_url=_database_url(env),
+        database_url=database_url,
         data_dir=Path(env.get("VTAI_DATA_DIR", "").strip() or ".vtai").expanduser().resolve(),
         model=_model(env),
         usage_period=_choice(env, "VTAI_USAGE_PERIOD", PERIODS, "month"),
@@ -122,4 +232,7 @@ def load_settings(env: dict[str, str] | None = None, dotenv: bool = True) -> Set
         reservation_ttl=_int(env, "VTAI_RESERVATION_TTL", 900, minimum=10),
         history=_choice(env, "VTAI_HISTORY", ("on", "off"), "on") == "on",
         admin_username=env.get("VTAI_ADMIN_USER", "").strip() or "admin",
+        supabase_url=supabase_url,
+        supabase_service_key=service_key,
+        supabase_anon_key=anon_key,
     )

@@ -6,6 +6,10 @@ connection stays preferred (one round trip, no REST hop); see docs/supabase.md.
 
 The key must be the service_role key: the migrations revoke these functions from anon and
 authenticated, so the public anon key gets "permission denied" by design.
+
+In REST mode this object is both the gate (reserve, usage, daily) and the ledger's store
+(record_batch, is_unavailable, is_bad_data), and it reads and creates the profiles of
+Supabase Auth users.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
+from typing import Any
 
 import httpx
 from postgrest.exceptions import APIError
@@ -20,6 +25,7 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from vtai.gate import Grant, Usage, when_unavailable
 from vtai.ledger import sanitize
+from vtai.users import Profile
 
 # Network failures and gateway/server errors: the usage service is down, not the request bad.
 UNAVAILABLE = (httpx.TransportError, OSError, TimeoutError)
@@ -41,6 +47,20 @@ def is_bad_data(exc: BaseException) -> bool:
 
 def _datetime(value):
     return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _json(value: Any) -> Any:
+    # Through json so datetimes and uuids travel as the SQL functions parse them.
+    return json.loads(json.dumps(sanitize(value), default=str))
+
+
+def _profile(row: dict) -> Profile:
+    return Profile(uuid.UUID(row["id"]), row["username"], row["tier"], row["is_admin"])
+
+
+PROFILE_COLUMNS = "id,username,tier,is_admin"
+# PostgREST caps a response (Supabase's default max-rows is 1000); pages stay below it.
+PAGE_ROWS = 500
 
 
 class SupabaseStore:
@@ -116,10 +136,26 @@ class SupabaseStore:
 
     async def record(self, row: dict) -> bool:
         """Send one row: True if new, False if already recorded. Raises when it can't."""
-        # Through json so datetimes and uuids travel as vtai_record() parses them.
-        payload = json.loads(json.dumps(sanitize(row), default=str))
-        result = await self._rpc("vtai_record", {"p_row": payload, "p_period": self.period})
+        result = await self._rpc("vtai_record", {"p_row": _json(row), "p_period": self.period})
         return bool(result)
+
+    async def record_batch(self, rows: list[dict]) -> list[bool]:
+        """The ledger's store call: one RPC for many rows, a bool per row in order."""
+        if not rows:
+            return []
+        result = await self._rpc(
+            "vtai_record_batch", {"p_rows": _json(rows), "p_period": self.period}
+        )
+        if not isinstance(result, list) or len(result) != len(rows):
+            # A short answer would leave rows unaccounted for; the ledger keeps them spooled.
+            raise ValueError(f"vtai_record_batch answered {len(result or [])} of {len(rows)}")
+        return [bool(r) for r in result]
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        return is_unavailable(exc)
+
+    def is_bad_data(self, exc: BaseException) -> bool:
+        return is_bad_data(exc)
 
     async def usage(self, user_id: uuid.UUID, now: datetime | None = None) -> Usage | None:
         params = {"p_user": str(user_id), "p_period": self.period}
@@ -132,3 +168,53 @@ class SupabaseStore:
         for key in ("period_start", "resets_at"):
             row[key] = _datetime(row.get(key))
         return Usage(**row)
+
+    async def daily(self, user_id: uuid.UUID, since: datetime) -> list[tuple[datetime, int]]:
+        """Tokens per UTC day from `since`, from the day buckets, as Gate.daily reads them."""
+        totals: dict[datetime, int] = {}
+        offset = 0
+        while True:
+            # One row per day and model: summed here, since Supabase leaves PostgREST's
+            # aggregate functions off by default.
+            page = (
+                await self.client.table("usage_aggregates")
+                .select("bucket_start,total_tokens")
+                .eq("end_user", str(user_id))
+                .eq("granularity", "day")
+                .gte("bucket_start", since.isoformat())
+                .order("bucket_start")
+                .order("model")
+                .limit(PAGE_ROWS)
+                .offset(offset)
+                .execute()
+            ).data
+            for row in page:
+                day = _datetime(row["bucket_start"])
+                totals[day] = totals.get(day, 0) + int(row["total_tokens"] or 0)
+            if len(page) < PAGE_ROWS:
+                return sorted(totals.items())
+            offset += len(page)
+
+    async def profile(self, user_id: uuid.UUID) -> Profile | None:
+        rows = (
+            await self.client.table("profiles")
+            .select(PROFILE_COLUMNS)
+            .eq("id", str(user_id))
+            .execute()
+        ).data
+        return _profile(rows[0]) if rows else None
+
+    async def create_profile(self, user_id: uuid.UUID, username: str, tier: str) -> Profile | None:
+        """Insert a profile with this id; None if the username belongs to another profile."""
+        try:
+            rows = (
+                await self.client.table("profiles")
+                .insert({"id": str(user_id), "username": username, "tier": tier})
+                .execute()
+            ).data
+        except APIError as exc:
+            if str(exc.code) != "23505":
+                raise
+            # A concurrent first login made it, or the name is another profile's.
+            return await self.profile(user_id)
+        return _profile(rows[0])

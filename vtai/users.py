@@ -82,12 +82,47 @@ async def get_by_name(conn: asyncpg.Connection, username: str) -> Profile | None
     )
 
 
-async def get_by_id(conn: asyncpg.Connection, user_id: uuid.UUID) -> Profile | None:
+async def get_by_id(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID) -> Profile | None:
     return _profile(
         await conn.fetchrow(
             "select id, username, tier, is_admin from public.profiles where id = $1", user_id
         )
     )
+
+
+async def create_profile(
+    conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID, username: str, tier: str
+) -> Profile | None:
+    """A profile under a given id (a Supabase Auth user's); None if the name is taken.
+
+    No credentials row: the password lives in Supabase Auth.
+    """
+    row = await conn.fetchrow(
+        "insert into public.profiles (id, username, tier) values ($1, $2, $3)"
+        " on conflict do nothing returning id, username, tier, is_admin",
+        user_id,
+        username,
+        tier,
+    )
+    # Nothing inserted: a concurrent first login made it, or the name is another profile's.
+    return _profile(row) if row else await get_by_id(conn, user_id)
+
+
+class PoolProfiles:
+    """Profile reads and first-login creation over a direct connection.
+
+    The same two calls as vtai.supabase_store.SupabaseStore, so Supabase Auth logins work the
+    same way on either metering path.
+    """
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def profile(self, user_id: uuid.UUID) -> Profile | None:
+        return await get_by_id(self.pool, user_id)
+
+    async def create_profile(self, user_id: uuid.UUID, username: str, tier: str) -> Profile | None:
+        return await create_profile(self.pool, user_id, username, tier)
 
 
 async def require(conn: asyncpg.Connection, username: str) -> Profile:
