@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
-from tests.conftest import make_settings
+from tests.conftest import add_user, make_settings
 from tests.fake_gotrue import FakeGotrue, add_auth_user
 from tests.fake_postgrest import FakePostgrest, token
 from tests.test_turn import collect, request, runner_for, wait_for_rows
+from vtai import admin, chat, cli, history, launch
 from vtai.services import Services
+from vtai.spool import Spool
 from vtai.supabase_store import SupabaseStore
 
 PASSWORD = "correct horse battery"
@@ -184,3 +189,68 @@ async def test_direct_database_url_wins_and_logins_still_go_to_supabase_auth(
         )
     finally:
         await s.stop()
+
+
+@pytest.fixture
+def rest_env(rest, tmp_path, monkeypatch):
+    """The environment of a REST-only deployment, for the `vtai` command."""
+    monkeypatch.setattr("vtai.settings.load_dotenv", lambda **_: None)
+    for name in ("VTAI_DATABASE_URL", "SUPABASE_DB_URL", "SUPABASE_SERVICE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SUPABASE_URL", rest.url)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", token("service_role"))
+    monkeypatch.setenv("SUPABASE_ANON_KEY", token("anon"))
+    monkeypatch.setenv("VTAI_DATA_DIR", str(tmp_path))
+    return tmp_path
+
+
+async def test_cli_user_commands_say_what_to_set_and_spool_replay_goes_over_rest(
+    rest_env, conn, capsys
+):
+    for argv in (["user", "list"], ["usage", "--verify"], ["balances", "sync"]):
+        code = await asyncio.to_thread(cli.main, argv)
+        _, err = capsys.readouterr()
+        assert code == 2 and err.count("\n") == 1 and "set SUPABASE_DB_URL" in err, err
+    assert not (rest_env / "pg").exists()  # no embedded database started behind the operator
+
+    user = await add_user(conn)
+    call_id = f"spooled-{uuid.uuid4()}"
+    Spool(rest_env / "spool").append(
+        {
+            "litellm_call_id": call_id,
+            "end_user": str(user.id),
+            "status": "success",
+            "prompt_tokens": 3,
+            "completion_tokens": 4,
+        }
+    )
+    code = await asyncio.to_thread(cli.main, ["spool", "replay"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "replayed 1 row(s)" in out, err
+    assert await conn.fetchval("select total_tokens from request_logs") == 7
+    assert await conn.fetch("select * from vtai_verify_counters()") == []
+
+
+async def test_admin_and_history_are_off_with_a_message(rest_services, monkeypatch):
+    monkeypatch.setattr(chat, "_services", rest_services)
+    assert history.data_layer(rest_services) is None
+    app = FastAPI()
+    admin.register(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://vtai") as client:
+        page = await client.get("/admin")
+        api = await client.get("/admin/api/summary")
+    assert page.status_code == 503 and "set SUPABASE_DB_URL" in page.text
+    assert api.status_code == 503 and "set SUPABASE_DB_URL" in api.json()["detail"]
+
+
+async def test_launch_prepares_no_database_for_rest_and_no_local_admin_for_supabase_auth(
+    rest, db_url, tmp_path, conn
+):
+    settings = rest_settings(rest, tmp_path)
+    assert await launch.prepare(settings) == (None, None)
+    direct = make_settings(db_url, tmp_path, supabase_url=rest.url, supabase_anon_key=token("anon"))
+    db, password = await launch.prepare(direct)
+    await db.close()
+    assert password is None
+    assert await conn.fetchval("select count(*) from profiles") == 0
