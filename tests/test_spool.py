@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import uuid
 
 import asyncpg
@@ -9,7 +13,7 @@ import asyncpg
 from tests.conftest import add_user
 from vtai.gate import Gate
 from vtai.ledger import Ledger, is_bad_data
-from vtai.spool import QUARANTINE, Spool
+from vtai.spool import ACTIVE, QUARANTINE, Spool
 
 
 def make_row(user, grant=None, tokens=(10, 5)):
@@ -92,13 +96,30 @@ def test_bad_data_is_told_apart_from_outage():
     assert not is_bad_data(ConnectionRefusedError())
 
 
-def test_rows_left_in_flight_are_recovered_and_an_unwritten_hold_is_dropped(tmp_path):
-    spool = Spool(tmp_path / "spool")
-    kept = spool.hold({"litellm_call_id": "a", "status": "success"})
-    # A process killed between creating a hold file and writing it leaves it empty.
-    (kept.parent / "empty.json").write_bytes(b"")
-    (kept.parent / "torn.json").write_bytes(b'{"litellm_call_id": "b", "sta')
+def test_rows_a_killed_process_left_in_flight_are_recovered_once(tmp_path):
+    directory = tmp_path / "spool"
+    # A process that holds two rows, settles one and dies with the other still in flight.
+    script = (
+        "import os, sys; from vtai.spool import Spool; s = Spool(sys.argv[1]); "
+        "s.hold({'litellm_call_id': 'settled'}).release(); s.hold({'litellm_call_id': 'lost'}); "
+        "os.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(directory)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    (journal,) = (directory / "inflight").glob("*.jsonl")
+    with journal.open("ab") as f:
+        f.write(b'{"hold": 9, "ro\n')
+    spool = Spool(directory)
+    live = spool.hold({"litellm_call_id": "mine, still being written"})
     assert spool.recover_inflight() == 1
-    status = spool.status()
-    assert (status.waiting, status.quarantined) == (1, 1)
-    assert list(kept.parent.iterdir()) == []
+    assert (spool.status().waiting, spool.status().quarantined) == (1, 1)
+    assert [r["litellm_call_id"] for r in _spooled(directory)] == ["lost"]
+    # This process's own journal is locked while it lives: not recovered, not removed.
+    assert Spool(directory).recover_inflight() == 0
+    live.release()
+    spool.close()
+    assert list((directory / "inflight").iterdir()) == []
+
+
+def _spooled(directory):
+    return [json.loads(line) for line in (directory / ACTIVE).read_text().splitlines()]

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
 from vtai.content import content_for_log, redact_secrets
+from vtai.inflight import Hold
 from vtai.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class CallNotes:
         self.claimed = _BoundedSet()
         self.estimated = _BoundedSet()
         # call id -> the answered turn's provisional row on disk, until the hook records it
-        self.provisional: dict[str, Path] = {}
+        self.provisional: dict[str, Hold] = {}
 
 
 def _when(ts: Any) -> str:
@@ -159,7 +159,7 @@ class MeteringLogger(CustomLogger):
                 await self.ledger.record(row)
             provisional = self.notes.provisional.pop(call_id, None)
             if provisional is not None:
-                provisional.unlink(missing_ok=True)
+                provisional.release()
         except Exception:
             # Never into LiteLLM: the row's reservation expires after its TTL instead.
             log.exception("metering callback failed for call %s", kwargs.get("litellm_call_id"))

@@ -16,10 +16,11 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from vtai.inflight import Hold, Journal, recover
 
 ACTIVE = "ledger.jsonl"
 QUARANTINE = "quarantine.jsonl"
@@ -66,6 +67,7 @@ class Spool:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._lock = threading.Lock()
+        self._journal: Journal | None = None
 
     def _ensure_dir(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -108,42 +110,25 @@ class Spool:
             finally:
                 handle.close()
 
-    def hold(self, record: dict) -> Path:
-        """Keep a copy of a row whose database write is under way; returns its file.
-
-        Not fsynced, on purpose: this guards against the process dying (the page cache
-        survives that), costs microseconds rather than a disk flush per turn, and a failed
-        write still goes through the fsynced append() path.
-        """
-        directory = self.directory / INFLIGHT
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = directory / f"{uuid.uuid4().hex}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, json.dumps(record, ensure_ascii=True, default=str).encode())
-        finally:
-            os.close(fd)
-        return path
+    def hold(self, record: dict, text: str | None = None) -> Hold:
+        """Keep a copy of a row whose database write is under way (see vtai.inflight)."""
+        if self._journal is None:
+            self._journal = Journal(self.directory / INFLIGHT)
+        return self._journal.hold(record, text)
 
     def recover_inflight(self) -> int:
-        """Move rows left in flight by a dead process into the spool; returns how many."""
-        moved = 0
-        for path in sorted((self.directory / INFLIGHT).glob("*.json")):
-            raw = path.read_bytes()
-            if not raw:
-                # Killed between creating the file and writing it: hold() never returned, so
-                # there is no row to recover.
-                path.unlink(missing_ok=True)
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as exc:
-                self._quarantine(raw, f"unreadable in-flight row: {exc}")
-            else:
-                self.append(record)
-                moved += 1
-            path.unlink(missing_ok=True)
-        return moved
+        """Move rows left in flight by dead processes into the spool; returns how many."""
+        self._ensure_dir()
+        return recover(self.directory / INFLIGHT, self.append_many, self._quarantine)
+
+    @property
+    def in_flight(self) -> int:
+        """Rows this process holds whose write has not settled yet."""
+        return self._journal.pending if self._journal is not None else 0
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
 
     def pending_files(self) -> list[Path]:
         if not self.directory.exists():
