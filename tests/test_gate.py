@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from tests.conftest import add_user
+from tests.conftest import add_user, make_settings
+from vtai.db import Database
 from vtai.gate import Gate
 from vtai.ledger import Ledger
 from vtai.spool import Spool
@@ -219,3 +220,14 @@ async def test_verify_detects_a_tampered_counter(pool, conn, ledger):
     await conn.execute("update usage_counters set used = used - 5")
     bad = await conn.fetch("select * from vtai_verify_counters()")
     assert [(r["counter_used"], r["ledger_used"]) for r in bad] == [(15, 20)]
+
+
+@pytest.mark.parametrize(("mode", "gate_commit"), [("durable", "on"), ("fast", "off")])
+async def test_reserve_commit_mode_applies_to_the_gate_only(db_url, tmp_path, mode, gate_commit):
+    db = await Database(make_settings(db_url, tmp_path, reserve_commit=mode)).open(migrate=False)
+    try:
+        assert await db.gate_pool.fetchval("show synchronous_commit") == gate_commit
+        # Ledger rows are what the bill is made from: always durable.
+        assert await db.pool.fetchval("show synchronous_commit") == "on"
+    finally:
+        await db.close()

@@ -79,6 +79,13 @@ async def sync_tiers(conn: asyncpg.Connection, limits: dict[str, int]) -> None:
         await conn.execute("update public.tiers set token_limit = $2 where name = $1", tier, limit)
 
 
+def gate_server_settings(reserve_commit: str) -> dict | None:
+    """`fast`: a reserve's commit returns before its WAL reaches the disk. The next durable
+    commit on the server (any ledger write) flushes it too; only a crash of Postgres itself
+    within that moment can lose the reservation (docs/metering.md)."""
+    return {"synchronous_commit": "off"} if reserve_commit == "fast" else None
+
+
 class Database:
     """Owns the URL (starting the embedded server when none is set), the schema and the pool."""
 
@@ -87,6 +94,9 @@ class Database:
         self.pool_size = pool_size
         self.url: str | None = settings.database_url
         self.pool: asyncpg.Pool | None = None
+        # The gate's own connections: a reserve never queues behind ledger writes for one,
+        # and VTAI_RESERVE_COMMIT=fast can turn off its commit's wait for the disk.
+        self.gate_pool: asyncpg.Pool | None = None
         self._embedded = None
 
     async def open(self, migrate: bool = True) -> Database:
@@ -110,23 +120,32 @@ class Database:
             finally:
                 await conn.close()
         try:
-            self.pool = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=self.pool_size,
-                init=_init_connection,
-                timeout=10,
-                command_timeout=30,
-                **_pool_options(self.url),
+            self.pool = await self._pool(self.pool_size)
+            self.gate_pool = await self._pool(
+                max(2, self.pool_size // 2), gate_server_settings(self.settings.reserve_commit)
             )
         except Exception as exc:
+            await self.close()
             raise DatabaseError(describe_connect_error(self.url, exc)) from None
         return self
 
+    async def _pool(self, size: int, server_settings: dict | None = None) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            self.url,
+            min_size=1,
+            max_size=size,
+            init=_init_connection,
+            timeout=10,
+            command_timeout=30,
+            server_settings=server_settings,
+            **_pool_options(self.url),
+        )
+
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
+        for pool in (self.gate_pool, self.pool):
+            if pool is not None:
+                await pool.close()
+        self.pool = self.gate_pool = None
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None

@@ -62,7 +62,10 @@ class Services:
         else:
             db = await Database(settings, pool_size=pool_size).open()
             gate = Gate(
-                db.pool, settings.usage_period, settings.reservation_ttl, settings.gate_fail_mode
+                db.gate_pool,
+                settings.usage_period,
+                settings.reservation_ttl,
+                settings.gate_fail_mode,
             )
             ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
         if settings.supabase_auth:

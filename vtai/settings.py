@@ -16,6 +16,7 @@ from dotenv import load_dotenv
 
 PERIODS = ("day", "week", "month", "lifetime")
 FAIL_MODES = ("closed", "open")
+RESERVE_COMMITS = ("durable", "fast")
 LOG_CONTENT_MODES = ("full", "none", "redacted")
 LIMIT_VARS = {
     "free": "VTAI_LIMIT_FREE",
@@ -45,6 +46,7 @@ class Settings:
     usage_period: str = "month"
     tier_limits: dict[str, int] = field(default_factory=dict)
     gate_fail_mode: str = "closed"
+    reserve_commit: str = "durable"
     log_content: str = "full"
     max_tokens: int = 512
     request_timeout: float = 120.0
@@ -226,6 +228,7 @@ def load_settings(env: dict[str, str] | None = None, dotenv: bool = True) -> Set
         usage_period=_choice(env, "VTAI_USAGE_PERIOD", PERIODS, "month"),
         tier_limits={tier: value for tier, value in limits.items() if value >= 0},
         gate_fail_mode=_choice(env, "VTAI_GATE_FAIL_MODE", FAIL_MODES, "closed"),
+        reserve_commit=_choice(env, "VTAI_RESERVE_COMMIT", RESERVE_COMMITS, "durable"),
         log_content=_choice(env, "VTAI_LOG_CONTENT", LOG_CONTENT_MODES, "full"),
         max_tokens=_int(env, "VTAI_MAX_TOKENS", 512, minimum=1),
         request_timeout=float(_int(env, "VTAI_REQUEST_TIMEOUT", 120, minimum=1)),

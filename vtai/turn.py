@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 import litellm
 
-from vtai import errors, models
+from vtai import errors, models, tokens
 from vtai.callback import META_KEY, CallNotes, estimate_tokens
 from vtai.content import content_for_log, redact_secrets
 from vtai.gate import Gate, Grant
@@ -56,8 +56,7 @@ class TurnOutcome:
 
 
 def count_prompt(model: str, messages: list[dict]) -> int:
-    counted = litellm.token_counter(model=model, messages=messages)
-    return math.ceil(counted * PROMPT_MARGIN) + 8
+    return math.ceil(tokens.count_messages(model, messages) * PROMPT_MARGIN) + 8
 
 
 def fit_context(
@@ -71,11 +70,11 @@ def fit_context(
     kept = list(history)
     while True:
         messages = [*kept, message]
-        tokens = count_prompt(model, messages)
-        if tokens + MIN_COMPLETION <= window:
-            return messages, tokens, len(history) - len(kept)
+        counted = count_prompt(model, messages)
+        if counted + MIN_COMPLETION <= window:
+            return messages, counted, len(history) - len(kept)
         if not kept:
-            return [], tokens, len(history)
+            return [], counted, len(history)
         # drop a whole exchange so the history never starts with an orphaned answer
         kept = kept[2:] if len(kept) >= 2 else []
 
@@ -318,14 +317,6 @@ class TurnRunner:
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if prompt is None or completion is None:
             prompt, completion = estimate_tokens(req.model, messages, reply)
-        try:
-            cost = sum(
-                litellm.cost_per_token(
-                    model=req.model, prompt_tokens=prompt, completion_tokens=completion
-                )
-            )
-        except Exception:
-            cost = 0.0
         self.notes.provisional[call_id] = self.ledger.hold(
             self._row(
                 req,
@@ -336,7 +327,7 @@ class TurnRunner:
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 total_tokens=prompt + completion,
-                total_cost=cost,
+                total_cost=tokens.cost(req.model, prompt, completion),
                 response=content_for_log(reply, self.settings.log_content),
                 details={"provisional": True, "estimated": estimated},
             )
