@@ -115,12 +115,18 @@ async def settings_update(values: dict) -> None:
 
 
 async def show_usage() -> None:
-    usage = await services().gate.usage(_user_id())
+    try:
+        usage = await services().gate.usage(_user_id())
+        days = await services().gate.daily(_user_id(), usage.period_start) if usage else []
+    except Exception as exc:
+        # The database or the REST API is down: a line for the user, not a traceback.
+        log.warning("usage lookup failed (%s)", type(exc).__name__)
+        await cl.Message(content="The usage service is unavailable: try again shortly.").send()
+        return
     if usage is None:
         await cl.Message(content=await _quota_line()).send()
         return
     line = quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
-    days = await services().gate.daily(_user_id(), usage.period_start)
     chart = quota.daily_chart(days[-31:])
     await cl.Message(
         content=f"**Usage this {services().settings.usage_period}**\n\n{line}\n\n"
