@@ -166,3 +166,20 @@ async def test_concurrent_batches_over_shared_users_never_deadlock(pool, conn):
         "select deadlocks from pg_stat_database where datname = current_database()"
     )
     assert deadlocks == 0
+
+
+async def test_a_cancelled_caller_does_not_cancel_its_rows_write(pool, conn, tmp_path):
+    user = await add_user(conn)
+    ledger = Ledger(pool, Spool(tmp_path))
+    row = turn(user)
+    task = asyncio.create_task(ledger.record(row))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await ledger.stop()
+    written = await conn.fetchval(
+        "select count(*) from request_logs where litellm_call_id = $1", row["litellm_call_id"]
+    )
+    assert written == 1
+    assert ledger.spool.in_flight == 0

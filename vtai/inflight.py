@@ -69,14 +69,19 @@ class Journal:
         return Hold(row, text, self, self._next)
 
     def release(self, number: int) -> None:
-        if number not in self._pending:
+        self.release_many([number])
+
+    def release_many(self, numbers: list[int]) -> None:
+        """Forget settled rows with one write: a batch's rows settle together."""
+        settled = [n for n in numbers if n in self._pending]
+        if not settled:
             return
-        self._pending.discard(number)
+        self._pending.difference_update(settled)
         if not self._pending and self._size > COMPACT_BYTES:
             os.ftruncate(self._fd, 0)
             self._size = 0
         else:
-            self._write(f'{{"done": {number}}}\n')
+            self._write(f'{{"done": {json.dumps(settled)}}}\n')
 
     @property
     def pending(self) -> int:
@@ -88,6 +93,15 @@ class Journal:
             os.close(self._fd)
             self._fd = None
             self.path.unlink(missing_ok=True)
+
+
+def release_all(holds: list[Hold]) -> None:
+    """Release holds together: one journal write per journal."""
+    by_journal: dict[int, tuple[Journal, list[int]]] = {}
+    for held in holds:
+        by_journal.setdefault(id(held.journal), (held.journal, []))[1].append(held.number)
+    for journal, numbers in by_journal.values():
+        journal.release_many(numbers)
 
 
 def recover(
@@ -115,7 +129,8 @@ def recover(
                         if "hold" in entry:
                             held[entry["hold"]] = entry["row"]
                         else:
-                            held.pop(entry["done"], None)
+                            for number in entry["done"]:
+                                held.pop(number, None)
                     except (ValueError, KeyError, TypeError) as exc:
                         quarantine(raw.rstrip(b"\n"), f"unreadable in-flight row: {exc}")
             if held:

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from vtai.db import UNAVAILABLE
-from vtai.inflight import Hold
+from vtai.inflight import Hold, release_all
 from vtai.spool import ReplayResult, ReplayStopped, Spool
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,8 @@ class Ledger:
             task = asyncio.create_task(self._flush())
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
-        # Shielded: a cancelled turn must not cancel the write of its row.
-        return await asyncio.shield(future)
+        # A cancelled caller cancels only this future: the row stays in its batch.
+        return await future
 
     async def _flush(self) -> None:
         while self._queue:
@@ -163,8 +163,8 @@ class Ledger:
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for (held, future), result in zip(batch, results, strict=True):
-                held.release()
+            release_all(holds)
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
