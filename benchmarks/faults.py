@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import json
 import os
 import platform
 import shutil
@@ -260,14 +261,17 @@ async def provider_fault(server, provider, data: Path, mode: str, turns: int) ->
     runner = runner_for(services, provider.url(mode))
     finished_at: dict[str, float] = {}
     committed_at: dict[str, float] = {}
-    write = services.ledger.write
+    store = services.ledger.store
+    send = store.record_encoded
 
-    async def timed_write(row: dict) -> bool:
-        result = await write(row)
-        committed_at[row["litellm_call_id"]] = time.monotonic()
+    async def timed_send(texts: list[str]) -> list[bool]:
+        result = await send(texts)
+        now = time.monotonic()
+        for text in texts:
+            committed_at[json.loads(text)["litellm_call_id"]] = now
         return result
 
-    services.ledger.write = timed_write
+    store.record_encoded = timed_send
     try:
         results = await burst(
             runner,

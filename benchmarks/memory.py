@@ -48,9 +48,9 @@ async def worker(db_url: str, sessions: int, max_tokens: int) -> dict:
     from vtai.turn import TurnRequest
 
     rss = {"python + imports": common.rss_mib()}
-    with tempfile.TemporaryDirectory() as tmp:
+    with common.data_dir() as tmp:
         settings = Settings(
-            database_url=db_url, data_dir=Path(tmp), model=LOCAL_MODEL_ID, max_tokens=max_tokens
+            database_url=db_url, data_dir=tmp, model=LOCAL_MODEL_ID, max_tokens=max_tokens
         )
         services = await Services.start(settings, replay=False)
         try:

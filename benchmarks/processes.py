@@ -276,8 +276,8 @@ async def main() -> None:
     args = p.parse_args()
     if args.worker:
         plan = json.loads(args.worker.read_text())
-        with tempfile.TemporaryDirectory() as tmp:
-            result = await worker(args.db_url, plan, args.seconds, Path(tmp))
+        with common.data_dir() as tmp:
+            result = await worker(args.db_url, plan, args.seconds, tmp)
         print(json.dumps(result), flush=True)
         return
     async with common.database(args.db_url) as url:
