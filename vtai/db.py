@@ -141,11 +141,15 @@ class Database:
             **_pool_options(self.url),
         )
 
-    async def close(self) -> None:
+    async def close_pools(self) -> None:
+        """Close the connections but leave an embedded server running (see vtai.launch)."""
         for pool in (self.gate_pool, self.pool):
             if pool is not None:
                 await pool.close()
         self.pool = self.gate_pool = None
+
+    async def close(self) -> None:
+        await self.close_pools()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None

@@ -54,8 +54,8 @@ async def prepare(settings: Settings) -> tuple[Database | None, str | None]:
     db = await Database(settings, pool_size=2).open()
     # A local admin could never log in while logins go to Supabase Auth.
     password = None if settings.supabase_auth else await ensure_admin(db, settings)
-    await db.pool.close()
-    db.pool = None
+    # The pools belong to this event loop; the server stays up until the app exits.
+    await db.close_pools()
     return db, password
 
 
