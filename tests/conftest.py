@@ -8,6 +8,7 @@ cloned from a migrated template so a test starts in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -47,15 +48,24 @@ def pg_server():
     if url:
         yield url
         return
+    with embedded_server() as server_url:
+        yield server_url
+
+
+@contextlib.contextmanager
+def embedded_server(prefix: str = "vtai-test-pg-"):
+    """A throwaway embedded Postgres (which checks passwords); yields its superuser URL."""
     from vtai import embedded_pg
 
     # Our own temp dir: pytest prunes old basetemp dirs, and a concurrent pytest run on the
     # same machine could delete the data dir out from under a live server.
-    data_dir = Path(tempfile.mkdtemp(prefix="vtai-test-pg-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     server = embedded_pg.start(data_dir)
-    yield server.url
-    server.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def build_template(server_url: str, name: str = TEMPLATE) -> None:

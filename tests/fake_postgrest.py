@@ -106,15 +106,21 @@ class FakePostgrest:
             return _error(401, "PGRST301", "JWT role is not allowed")
         return claims
 
-    async def rpc(self, request: web.Request) -> web.Response:
+    async def _claims_and_body(self, request: web.Request) -> tuple[dict, object] | web.Response:
         claims = self._claims(request)
         if isinstance(claims, web.Response):
             return claims
-        fn = request.match_info["fn"]
         try:
-            args = await request.json()
+            return claims, await request.json()
         except json.JSONDecodeError:
             return _error(400, "PGRST102", "Empty or invalid json")
+
+    async def rpc(self, request: web.Request) -> web.Response:
+        got = await self._claims_and_body(request)
+        if isinstance(got, web.Response):
+            return got
+        claims, args = got
+        fn = request.match_info["fn"]
         async with self.pool.acquire() as conn:
             proc = await conn.fetchrow(
                 "select p.proretset, p.proargnames,"
@@ -194,14 +200,11 @@ class FakePostgrest:
             return await _as_role(conn, claims, sql, *args)
 
     async def insert(self, request: web.Request) -> web.Response:
-        claims = self._claims(request)
-        if isinstance(claims, web.Response):
-            return claims
+        got = await self._claims_and_body(request)
+        if isinstance(got, web.Response):
+            return got
+        claims, body = got
         table = request.match_info["table"]
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return _error(400, "PGRST102", "Empty or invalid json")
         rows = body if isinstance(body, list) else [body]
         async with self.pool.acquire() as conn:
             columns = await self._columns(conn, table) if _IDENT.match(table) else None

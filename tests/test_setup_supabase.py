@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
-from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from tests import test_migrations
-from tests.conftest import ROOT
+from tests.conftest import ROOT, embedded_server
 
 # A database shaped like hosted Supabase, migrated by a non-superuser (a shared fixture).
 supabase_db = test_migrations.supabase_db
@@ -103,13 +100,8 @@ def password_server(request):
     if not os.environ.get("VTAI_TEST_DATABASE_URL"):
         yield request.getfixturevalue("pg_server")
         return
-    from vtai import embedded_pg
-
-    data_dir = Path(tempfile.mkdtemp(prefix="vtai-test-pw-pg-"))
-    server = embedded_pg.start(data_dir)
-    yield server.url
-    server.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with embedded_server("vtai-test-pw-pg-") as url:
+        yield url
 
 
 @pytest.mark.db

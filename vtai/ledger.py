@@ -109,7 +109,7 @@ class Ledger:
         period: str = "month",
         timeout: float = 5.0,
         batch_size: int = 100,
-        writers: int = 2,
+        writers: int = 4,
     ):
         # Anything with record_batch / is_unavailable / is_bad_data will do (the Supabase
         # REST store is one); a pool gets the direct Postgres store.
