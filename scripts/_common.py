@@ -23,7 +23,13 @@ from vtai.db import connect
 OK, DRIFT, USAGE, DB_ERROR = 0, 1, 2, 3
 
 # The functions only the server may run (the migration revokes them from user-level roles).
-SERVER_ONLY_FUNCTIONS = ("vtai_reserve", "vtai_record", "vtai_usage", "vtai_verify_counters")
+SERVER_ONLY_FUNCTIONS = (
+    "vtai_reserve",
+    "vtai_record",
+    "vtai_record_batch",
+    "vtai_usage",
+    "vtai_verify_counters",
+)
 USER_ROLES = ("anon", "authenticated")
 
 

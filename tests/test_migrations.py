@@ -133,6 +133,7 @@ async def test_migrations_run_as_non_superuser_on_supabase_shaped_database(supab
         for fn in (
             "vtai_reserve(uuid,integer,integer,text,integer,timestamptz)",
             "vtai_record(jsonb,text)",
+            "vtai_record_batch(jsonb,text)",
         ):
             for role in ("anon", "authenticated"):
                 assert not await su.fetchval(
