@@ -160,10 +160,12 @@ create trigger request_logs_aggregate_insert
   referencing new table as new_rows
   for each statement execute function public.vtai_request_logs_aggregate_inserted();
 
--- Both are prefixes of the keyset indexes of 20261122000600_provider_balances, which serve
--- the same queries; every ledger insert paid for them.
+-- Every ledger insert pays for every index. The first two are prefixes of the keyset indexes
+-- of 20261122000600_provider_balances, which serve the same queries; nothing looks rows up by
+-- (end_user, period_start): counters are verified with a scan of the whole ledger.
 drop index if exists public.request_logs_created_idx;
 drop index if exists public.request_logs_end_user_created_idx;
+drop index if exists public.request_logs_period_idx;
 
 revoke all on function public.vtai_record_batch(jsonb, text) from public, anon, authenticated;
 revoke all on function public.vtai_record(jsonb, text) from public, anon, authenticated;
