@@ -231,3 +231,18 @@ async def test_reserve_commit_mode_applies_to_the_gate_only(db_url, tmp_path, mo
         assert await db.pool.fetchval("show synchronous_commit") == "on"
     finally:
         await db.close()
+
+
+async def test_a_connection_left_in_a_transaction_comes_back_clean(db_url, tmp_path):
+    """The pools skip asyncpg's reset query; an open transaction must still be undone."""
+    # One connection, so the second acquire gets the one the first left in a transaction.
+    db = await Database(make_settings(db_url, tmp_path), pool_size=1).open(migrate=False)
+    try:
+        async with db.pool.acquire() as conn:
+            await conn.execute("begin")
+            await conn.execute("create temp table left_open (x int)")
+        async with db.pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("select to_regclass('pg_temp.left_open')") is None
+    finally:
+        await db.close()

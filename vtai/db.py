@@ -51,6 +51,14 @@ def _encode_json(value) -> str:
     return json.dumps(value, default=str)
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Nothing beyond what asyncpg always does on release (roll back an open transaction).
+
+    Its default reset (RESET ALL, UNLISTEN, advisory unlock...) costs a round trip on every
+    release, which a reserve waits for. VT.ai's pooled connections keep no session state:
+    migrations take their lock on a connection of their own."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -135,6 +143,7 @@ class Database:
             min_size=1,
             max_size=size,
             init=_init_connection,
+            reset=_reset_connection,
             timeout=10,
             command_timeout=30,
             server_settings=server_settings,
