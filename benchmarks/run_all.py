@@ -142,15 +142,16 @@ DESIGN = """## What makes the meter fast, and what it costs
    row, so one bad row never sends its batch-mates to the spool; a database that is down
    sends the whole batch to the spool with one fsync.
 2. **Aggregates per statement.** The usage buckets are kept by a statement-level trigger
-   over the inserted rows: one upsert per bucket per batch instead of two per row. The two
-   indexes that were prefixes of the keyset indexes are gone.
+   over the inserted rows: one upsert per bucket per batch instead of two per row. Three
+   ledger indexes are gone: two were prefixes of the keyset indexes, one served no query.
 3. **Rows in flight cost a write, not a file.** Each process keeps one append-only journal
    (`vtai/inflight.py`): a hold is one line, a batch's release one more. Creating and
    removing a file per row cost 40 us on the project's disk and 1 ms in `/tmp` here.
 4. **The gate's common path is shorter.** `vtai_reserve` locks the counter with one SELECT
    (inserting it only in a user's first turn of a period) and probes an index before it
    looks for expired reservations. The gate has its own connection pool, so a reserve never
-   waits behind ledger writes for a connection.
+   waits behind ledger writes for a connection, and the pools skip asyncpg's reset query,
+   a round trip on every release (an open transaction is still rolled back).
 5. **Token counts are cached per message** (`vtai/tokens.py`), equal to LiteLLM's
    `token_counter`, which costs 0.1-0.3 ms per call and used to run over the whole history
    on every turn.
