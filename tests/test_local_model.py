@@ -204,12 +204,18 @@ async def test_breaking_out_without_closing_does_not_hang():
 
 
 async def test_cancelling_the_consumer_task_stops_generation():
+    # A long answer, cancelled as soon as it starts: a short one could end on its own first.
+    counting = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
+
     async def consume_all():
-        await stream(max_tokens=1000)
+        response = await litellm.acompletion(
+            model=LOCAL_MODEL, messages=counting, stream=True, max_tokens=1000
+        )
+        async for _ in response:
+            pass
 
     task = asyncio.create_task(consume_all())
     assert await wait_until(lambda: local_model.active_generations() > 0)
-    await asyncio.sleep(0.2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
