@@ -14,6 +14,7 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
+from vtai import tokens
 from vtai.content import content_for_log, redact_secrets
 from vtai.inflight import Hold
 from vtai.ledger import Ledger
@@ -68,7 +69,7 @@ def _when(ts: Any) -> str:
 def estimate_tokens(model: str, messages: list | None, completion_text: str) -> tuple[int, int]:
     """Tokens by LiteLLM's counter, for providers that report no usage."""
     try:
-        prompt = litellm.token_counter(model=model, messages=messages or [])
+        prompt = tokens.count_messages(model, messages or [])
     except Exception:
         prompt = litellm.token_counter(text=str(messages or ""))
     completion = litellm.token_counter(model=model, text=completion_text) if completion_text else 0
