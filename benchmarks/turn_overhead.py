@@ -1,12 +1,17 @@
 """What metering adds to a chat turn: the full TurnRunner path against a bare LiteLLM stream.
 
 Both sides use LiteLLM's `mock_response` (a model that answers instantly), so the difference
-is VT.ai's work: counting the prompt, the gate's round trip, the call's metadata, and the
-callback's row building and ledger write, which run on the same event loop.
+is VT.ai's work: counting the prompt, the gate, the call's metadata, and the callback's row
+building and ledger write, which run on the same event loop.
 
 Users arrive at a fixed total rate (default 20 turns/s): each of N users sends a message,
-reads the answer, thinks for about N/rate seconds and sends the next. Latency is from sending
-the message to `run()` returning with the whole answer streamed.
+reads the answer, thinks for about N/rate seconds and sends the next. Two latencies per turn,
+from sending the message: to its last token reaching the user (`on_token`), and to `run()`
+returning (when the app adds the quota line and closes the message).
+
+Metered sides: "ahead" is the default (VTAI_RESERVE_AHEAD=on: each user's chat reserves its
+next turn after an answer, so the gate's round trip runs while they think); "in line" reserves
+when the message arrives (VTAI_RESERVE_AHEAD=off).
 
     python benchmarks/turn_overhead.py [--db-url URL] [--users 1,50,200] [--turns 2000]
 """
@@ -33,6 +38,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.common import ms, pct  # noqa: E402
 from vtai.db import Database  # noqa: E402
 from vtai.gate import Gate  # noqa: E402
+from vtai.next_turn import NextTurn  # noqa: E402
 from vtai.services import Services, register_callback, unregister_callback  # noqa: E402
 from vtai.settings import Settings  # noqa: E402
 from vtai.turn import TurnRequest, TurnRunner  # noqa: E402
@@ -48,7 +54,17 @@ async def _ignore(_token: str) -> None:
     return None
 
 
-async def bare_turn(user: uuid.UUID, session: str) -> str:
+class LastToken:
+    """An `on_token` that notes when the latest token reached the user."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    async def __call__(self, _token: str) -> None:
+        self.at = time.perf_counter()
+
+
+async def bare_turn(user: uuid.UUID, session: str, on_token=_ignore) -> str:
     """The same call and consumption with no metering: what a plain LiteLLM app does."""
     parts = []
     stream = await litellm.acompletion(
@@ -62,7 +78,7 @@ async def bare_turn(user: uuid.UUID, session: str) -> str:
             delta = chunk.choices[0].delta.content if chunk.choices else None
             if delta:
                 parts.append(delta)
-                await _ignore(delta)
+                await on_token(delta)
     finally:
         await stream.aclose()
     return "".join(parts)
@@ -184,23 +200,26 @@ def settle_row(user: uuid.UUID, grant) -> dict:
     }
 
 
-async def phase(users: list[uuid.UUID], turns: int, rate: float, turn) -> tuple[list, float]:
-    """Run `turns` turns spread over `users` at `rate` turns/s; latencies and CPU s/turn."""
+async def phase(users: list[uuid.UUID], turns: int, rate: float, turn) -> tuple[list, list, float]:
+    """Run `turns` turns spread over `users` at `rate` turns/s. `turn(user, session, on_token)`;
+    returns latencies to the last token, latencies to the return, and CPU s/turn."""
     think = len(users) / rate
     per_user = max(1, -(-turns // len(users)))
-    latencies: list[float] = []
+    to_last, to_return = [], []
 
     async def user_loop(user: uuid.UUID, i: int) -> None:
         await asyncio.sleep(random.uniform(0, think))
         for k in range(per_user):
+            last = LastToken()
             t0 = time.perf_counter()
-            await turn(user, f"chat-{i}-{k}-{uuid.uuid4().hex[:6]}")
-            latencies.append(time.perf_counter() - t0)
+            await turn(user, f"chat-{i}-{k}-{uuid.uuid4().hex[:6]}", last)
+            to_return.append(time.perf_counter() - t0)
+            to_last.append(last.at - t0)
             await asyncio.sleep(think * random.uniform(0.5, 1.5))
 
     cpu = time.process_time()
     await asyncio.gather(*(user_loop(u, i) for i, u in enumerate(users)))
-    return latencies, (time.process_time() - cpu) / len(latencies)
+    return to_last, to_return, (time.process_time() - cpu) / len(to_return)
 
 
 async def wait_for_rows(conn: asyncpg.Connection, n: int, timeout: float = 60) -> int:
@@ -212,7 +231,8 @@ async def wait_for_rows(conn: asyncpg.Connection, n: int, timeout: float = 60) -
         await asyncio.sleep(0.05)
 
 
-SIDES = ("bare", "durable", "fast")
+SIDES = ("bare", "inline", "ahead")
+METERED = SIDES[1:]
 
 
 async def bench(
@@ -225,36 +245,37 @@ async def bench(
             migrate=False
         )
         conn = await asyncpg.connect(db_url)
+        holders: dict[uuid.UUID, NextTurn] = {}
         try:
             fast_gate = Gate(fast_db.gate_pool)
-            runners = {
-                side: TurnRunner(
-                    services.gate if side == "durable" else fast_gate,
-                    services.ledger,
-                    services.callback.notes,
-                    settings,
-                    call_options={"mock_response": ANSWER},
-                )
-                for side in SIDES[1:]
-            }
+            runner = TurnRunner(
+                services.gate,
+                services.ledger,
+                services.callback.notes,
+                settings,
+                call_options={"mock_response": ANSWER},
+            )
 
             def metered(side: str):
-                async def turn(user: uuid.UUID, session: str) -> None:
-                    request = TurnRequest(user, session, MODEL, [], f"{QUESTION} ({session})")
-                    outcome = await runners[side].run(request, _ignore)
+                async def turn(user: uuid.UUID, session: str, on_token) -> None:
+                    holder = holders[user] if side == "ahead" else None
+                    request = TurnRequest(
+                        user, session, MODEL, [], f"{QUESTION} ({session})", holder
+                    )
+                    outcome = await runner.run(request, on_token)
                     assert outcome.kind == "answered" and outcome.reply == ANSWER, outcome
 
                 return turn
 
-            async def unmetered_turn(user: uuid.UUID, session: str) -> None:
-                assert await bare_turn(user, session) == ANSWER
+            async def unmetered_turn(user: uuid.UUID, session: str, on_token) -> None:
+                assert await bare_turn(user, session, on_token) == ANSWER
 
-            turn_of = {
-                "bare": unmetered_turn,
-                "durable": metered("durable"),
-                "fast": metered("fast"),
-            }
+            turn_of = {"bare": unmetered_turn, **{side: metered(side) for side in METERED}}
             all_users = await common.add_users(conn, max(levels))
+            for user in all_users:
+                # Each user has one chat open; opening it reserves its first turn.
+                holders[user] = runner.next_turn()
+                runner.reserve_ahead(holders[user], user, MODEL, [])
             rows, data = [], {"levels": {}}
             data["breakdown"] = await breakdown(
                 services, fast_gate, all_users[0], max(20, turns // 10)
@@ -262,47 +283,58 @@ async def bench(
             metered_count = await conn.fetchval("select count(*) from request_logs")
             for n in levels:
                 users = all_users[:n]
-                lat = {side: [] for side in SIDES}
+                last = {side: [] for side in SIDES}
+                done = {side: [] for side in SIDES}
                 cpu = {side: [] for side in SIDES}
                 # Alternate short blocks so that background load hits every side alike.
                 for _ in range(rounds):
                     for side in SIDES:
                         if side == "bare":
                             unregister_callback(services.callback)
-                        x, c = await phase(users, turns // rounds, rate, turn_of[side])
+                        x, y, c = await phase(users, turns // rounds, rate, turn_of[side])
                         if side == "bare":
                             register_callback(services.callback)
                         else:
                             metered_count += len(x)
                             # Let the ledger catch up before the next block.
                             await wait_for_rows(conn, metered_count)
-                        lat[side] += x
+                        last[side] += x
+                        done[side] += y
                         cpu[side].append(c)
-                d = {"turns": len(lat["durable"])}
+                d = {"turns": len(done["ahead"])}
                 for side in SIDES:
-                    d[f"{side}_p50"] = pct(lat[side], 50)
-                    d[f"{side}_p99"] = pct(lat[side], 99)
+                    for what, values in (("last", last[side]), ("done", done[side])):
+                        d[f"{side}_{what}_p50"] = pct(values, 50)
+                        d[f"{side}_{what}_p99"] = pct(values, 99)
                     d[f"cpu_{side}"] = sum(cpu[side]) / len(cpu[side])
-                for side in SIDES[1:]:
-                    d[f"added_{side}_p50"] = d[f"{side}_p50"] - d["bare_p50"]
-                    d[f"added_{side}_p99"] = d[f"{side}_p99"] - d["bare_p99"]
+                for side in METERED:
+                    for what in ("last", "done"):
+                        for p in ("p50", "p99"):
+                            d[f"added_{side}_{what}_{p}"] = (
+                                d[f"{side}_{what}_{p}"] - d[f"bare_{what}_{p}"]
+                            )
                 data["levels"][n] = d
                 rows.append(
                     [
                         n,
-                        f"{len(lat['bare']):,}",
-                        ms(d["bare_p50"]),
-                        ms(d["bare_p99"]),
-                        ms(d["added_durable_p50"]),
-                        ms(d["added_durable_p99"]),
-                        ms(d["added_fast_p50"]),
-                        ms(d["added_fast_p99"]),
+                        f"{len(done['bare']):,}",
+                        ms(d["bare_last_p50"]),
+                        ms(d["bare_done_p50"]),
+                        ms(d["added_ahead_last_p50"]),
+                        ms(d["added_ahead_last_p99"]),
+                        ms(d["added_ahead_done_p50"]),
+                        ms(d["added_ahead_done_p99"]),
+                        ms(d["added_inline_last_p50"]),
+                        ms(d["added_inline_last_p99"]),
+                        ms(d["added_inline_done_p50"]),
+                        ms(d["added_inline_done_p99"]),
                         ms(d["cpu_bare"]),
-                        ms(d["cpu_durable"]),
-                        ms(d["cpu_fast"]),
+                        ms(d["cpu_ahead"]),
+                        ms(d["cpu_inline"]),
                     ]
                 )
-            await asyncio.gather(*(r.drain() for r in runners.values()))
+            await runner.release_ahead()
+            await runner.drain()
             data["rows"] = await wait_for_rows(conn, metered_count)
             data["metered_turns"] = metered_count
             data["counters_exact"] = await common.counters_exact(conn)
@@ -321,53 +353,71 @@ def section(levels, turns, rate, rows, data) -> common.Section:
     targets = []
     if 50 in data["levels"]:
         d = data["levels"][50]
-        why = (
-            f"with one user the pieces below already add up to more: {ms(b['stream_usage'])} ms "
-            "for the stream usage the mock makes up, the gate's round trip "
-            f"({ms(b['gate'])} ms durable, {ms(b['gate_fast'])} ms fast), "
-            f"{ms(b['litellm_callback'])} ms for the callback, {ms(b['count_prompt'])} ms "
-            "counting; at 50 users each turn also waits behind the others' work on the one "
-            "event loop"
+        tail = (
+            "the answer is on the user's screen by then; what follows is LiteLLM finishing a "
+            "stream that carries usage (`stream_options.include_usage`, which exact billing "
+            "needs): it builds the whole response twice, before and after the usage chunk, "
+            f"about {ms(b['stream_usage'])} ms of CPU the bare side doesn't ask for"
         )
-        for side, label in (("durable", "default"), ("fast", "VTAI_RESERVE_COMMIT=fast")):
-            p50, p99 = d[f"added_{side}_p50"], d[f"added_{side}_p99"]
-            targets += [
-                common.Target(f"added p50 at 50 users ({label})", "<= 1 ms", f"{ms(p50)} ms",
-                              p50 <= 0.001, why),
-                common.Target(f"added p99 at 50 users ({label})", "<= 5 ms", f"{ms(p99)} ms",
-                              p99 <= 0.005, why),
-            ]  # fmt: skip
+        inline = (
+            f"the gate's round trip ({ms(b['gate'])} ms durable, {ms(b['gate_fast'])} ms with "
+            "VTAI_RESERVE_COMMIT=fast) is on the reply's path"
+        )
+        for what, label, why in (
+            ("last", "to the last token", "the pieces below: counting, the LiteLLM options"),
+            ("done", "to `run()` returning", tail),
+        ):
+            for side, config, reason in (
+                ("ahead", "default, reserved ahead", why),
+                ("inline", "VTAI_RESERVE_AHEAD=off", f"{inline}; {why}"),
+            ):
+                p50 = d[f"added_{side}_{what}_p50"]
+                p99 = d[f"added_{side}_{what}_p99"]
+                targets += [
+                    common.Target(f"added p50 at 50 users, {label} ({config})", "<= 1 ms",
+                                  f"{ms(p50)} ms", p50 <= 0.001, reason),
+                    common.Target(f"added p99 at 50 users, {label} ({config})", "<= 5 ms",
+                                  f"{ms(p99)} ms", p99 <= 0.005, reason),
+                ]  # fmt: skip
     notes = [
-        "Metered: `TurnRunner.run` with `mock_response` (token count, gate, LiteLLM call with "
-        "usage in the stream, callback, the row held on disk, the batched ledger write); "
-        "durable and fast differ only in VTAI_RESERVE_COMMIT. Bare: "
-        "`litellm.acompletion(stream=True, mock_response=...)` consumed the same way, with "
-        f"VT.ai's callback unregistered. Offered load {rate:g} turns/s in total at every "
-        f"level, {turns:,} turns per side per level, in alternating blocks. Every message is "
-        "different, so no count is cached.",
-        "Added = metered percentile minus bare percentile, in ms. CPU = this process's CPU "
-        "time per turn (the database's is not included); one event loop serves all users, so "
-        "CPU per turn also sets the throughput ceiling of one app process.",
+        "Metered: `TurnRunner.run` with `mock_response` (token count, the reservation, "
+        "LiteLLM call with usage in the stream, callback, the row held on disk, the batched "
+        "ledger write). Ahead (the default): each user's chat reserved its next turn right "
+        "after the previous answer (and when it opened), so the turn spends that reservation; "
+        "in line (VTAI_RESERVE_AHEAD=off): the turn calls `vtai_reserve` when the message "
+        "arrives. Bare: `litellm.acompletion(stream=True, mock_response=...)` consumed the "
+        "same way, with VT.ai's callback unregistered. Offered load "
+        f"{rate:g} turns/s in total at every level, {turns:,} turns per side per level, in "
+        "alternating blocks. Every message is different, so no count is cached.",
+        "Added = metered percentile minus bare percentile, in ms. Last token: from sending the "
+        "message to its answer's last token handed to the UI (the answer is complete on the "
+        "user's screen). Return: to `run()` returning, when the app appends the quota line. "
+        "CPU = this process's CPU time per turn (the database's is not included); one event "
+        "loop serves all users, so CPU per turn also sets the throughput ceiling of one app "
+        "process.",
         f"Ledger rows: {data['rows']:,} of {data['metered_turns']:,} expected; counters "
-        f"equal the ledger: {data['counters_exact']}; tokens still reserved: "
-        f"{data['reserved']}.",
+        f"equal the ledger: {data['counters_exact']}; tokens still reserved after the chats "
+        f"closed: {data['reserved']}.",
         "LiteLLM Proxy publishes p50 3 ms / p99 31 ms of added latency for comparison.",
         "Where the metered turn's extra time goes (1 user, nothing else running, medians): "
         f"counting a new message {ms(b['count_prompt'])} ms CPU; usage in the stream "
-        f"{ms(b['stream_usage'])} ms CPU (the mock makes it up with LiteLLM's token counter, "
-        "where a provider that reports usage sends it in the stream), the other options "
+        f"{ms(b['stream_usage'])} ms CPU (LiteLLM builds the finished response once for the "
+        "usage chunk and again at the end of the stream), the other options "
         f"(metadata, call id, timeout, max_tokens) {ms(b['litellm_options'])} ms CPU, and "
         "running VT.ai's callback (LiteLLM's logging payload, then the row) "
         f"{ms(b['litellm_callback'])} ms CPU, all three including "
         "LiteLLM's logging worker; the gate's round trip (`vtai_reserve`) "
-        f"{ms(b['gate'])} ms durable, {ms(b['gate_fast'])} ms fast; the ledger write "
-        f"({ms(b['ledger_write'])} ms for one row) comes after the answer, batched, on the "
-        "same event loop.",
+        f"{ms(b['gate'])} ms durable, {ms(b['gate_fast'])} ms fast, before the answer only "
+        f"in line; the ledger write ({ms(b['ledger_write'])} ms for one row) comes after "
+        "the answer, batched, on the same event loop.",
     ]
     columns = [
-        "users", "turns per side", "bare p50", "bare p99", "added p50", "added p99",
-        "added p50 (fast)", "added p99 (fast)", "CPU/turn bare", "CPU/turn metered",
-        "CPU/turn metered (fast)",
+        "users", "turns per side", "bare: last token p50", "bare: return p50",
+        "added p50 (last token)", "added p99 (last token)", "added p50 (return)",
+        "added p99 (return)", "in line: added p50 (last token)",
+        "in line: added p99 (last token)", "in line: added p50 (return)",
+        "in line: added p99 (return)", "CPU/turn bare", "CPU/turn metered",
+        "CPU/turn in line",
     ]  # fmt: skip
     return common.Section(
         "Per-turn overhead",

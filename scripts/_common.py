@@ -27,6 +27,7 @@ SERVER_ONLY_FUNCTIONS = (
     "vtai_reserve",
     "vtai_record",
     "vtai_record_batch",
+    "vtai_release",
     "vtai_usage",
     "vtai_verify_counters",
 )

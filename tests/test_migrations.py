@@ -134,6 +134,7 @@ async def test_migrations_run_as_non_superuser_on_supabase_shaped_database(supab
             "vtai_reserve(uuid,integer,integer,text,integer,timestamptz)",
             "vtai_record(jsonb,text)",
             "vtai_record_batch(jsonb,text)",
+            "vtai_release(uuid,uuid)",
         ):
             for role in ("anon", "authenticated"):
                 assert not await su.fetchval(

@@ -16,6 +16,8 @@ def test_defaults_are_embedded_local_and_monthly(tmp_path):
     assert s.model == LOCAL_MODEL_ID and s.usage_period == "month"
     assert s.gate_fail_mode == "closed" and s.log_content == "full"
     assert s.data_dir == tmp_path and s.tier_limits == {}
+    assert s.reserve_ahead is True
+    assert load_settings({"VTAI_RESERVE_AHEAD": "off"}).reserve_ahead is False
 
 
 def test_supabase_db_url_is_an_alias():
@@ -39,6 +41,7 @@ def test_limits_override():
         ({"VTAI_USAGE_PERIOD": "yearly"}, "VTAI_USAGE_PERIOD"),
         ({"VTAI_GATE_FAIL_MODE": "maybe"}, "VTAI_GATE_FAIL_MODE"),
         ({"VTAI_LOG_CONTENT": "some"}, "VTAI_LOG_CONTENT"),
+        ({"VTAI_RESERVE_AHEAD": "sometimes"}, "VTAI_RESERVE_AHEAD"),
     ],
 )
 def test_bad_values_name_the_variable_in_one_line(env, variable):

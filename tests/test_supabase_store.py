@@ -57,6 +57,24 @@ async def test_reserve_record_usage_with_service_role(rest, conn):
         await store.close()
 
 
+async def test_release_over_rpc_gives_the_tokens_back_once(rest, conn):
+    user = await add_user(conn)
+    store = await store_as(rest, "service_role")
+    anon = await store_as(rest, "anon")
+    try:
+        grant = await store.reserve(user.id, 100, 50)
+        assert await store.release(grant.reservation_id, user.id) is True
+        assert await store.release(grant.reservation_id, user.id) is False
+        assert await conn.fetchval("select reserved from usage_counters") == 0
+        # A user-level key can't give back anybody's reservation.
+        grant = await store.reserve(user.id, 10, 10)
+        assert await anon.release(grant.reservation_id, user.id) is False
+        assert await conn.fetchval("select reserved from usage_counters") == 20
+    finally:
+        await store.close()
+        await anon.close()
+
+
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
 async def test_user_level_keys_are_refused_by_the_grants(rest, conn, role):
     user = await add_user(conn)

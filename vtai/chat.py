@@ -87,6 +87,10 @@ async def start(past: list[dict] | None = None, model: str | None = None) -> Non
     chosen = offered.index(model) if model in offered else 0
     cl.user_session.set("history", past or [])
     cl.user_session.set("model", offered[chosen])
+    # The first message's reservation is made while the user types it.
+    holder = s.runner.next_turn()
+    cl.user_session.set("next_turn", holder)
+    s.runner.reserve_ahead(holder, _user_id(), offered[chosen], past or [])
     await cl.ChatSettings(
         [Select(id="model", label="Model", values=offered, initial_index=chosen)]
     ).send()
@@ -106,6 +110,12 @@ async def resume(thread: dict) -> None:
             thread["id"],
         )
     await start(history.messages_from_thread(thread), model)
+
+
+async def end() -> None:
+    holder = cl.user_session.get("next_turn")
+    if holder is not None:
+        await holder.release()
 
 
 async def settings_update(values: dict) -> None:
@@ -167,6 +177,7 @@ async def run_turn(text: str) -> None:
             model=cl.user_session.get("model") or s.settings.model,
             history=cl.user_session.get("history") or [],
             text=text,
+            next_turn=cl.user_session.get("next_turn"),
         ),
         on_token=reply.stream_token,
     )

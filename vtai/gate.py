@@ -115,6 +115,19 @@ class Gate:
             return when_unavailable(exc, self.fail_mode, max_completion)
         return Grant(**dict(row))
 
+    async def release(self, reservation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+        """Give back a reservation no turn will use; if this fails, its TTL gives it back."""
+        try:
+            return await self.pool.fetchval(
+                "select public.vtai_release($1, $2)",
+                reservation_id,
+                user_id,
+                timeout=self.timeout,
+            )
+        except Exception as exc:
+            log.warning("releasing a reservation failed (%s); it expires", type(exc).__name__)
+            return False
+
     async def usage(self, user_id: uuid.UUID, now: datetime | None = None) -> Usage | None:
         row = await self.pool.fetchrow(
             "select * from public.vtai_usage($1, $2, coalesce($3, now()))",

@@ -44,6 +44,11 @@ async def on_chat_start():
     await chat.start()
 
 
+@cl.on_chat_end
+async def on_chat_end():
+    await chat.end()
+
+
 @cl.on_settings_update
 async def on_settings_update(values: dict):
     await chat.settings_update(values)

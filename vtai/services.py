@@ -105,6 +105,7 @@ class Services:
         await self.runner.drain()
 
     async def stop(self) -> None:
+        await self.runner.release_ahead()
         # Rows of turns that already answered must not die with the process.
         await self.flush()
         await self.ledger.stop()

@@ -47,6 +47,7 @@ class Settings:
     tier_limits: dict[str, int] = field(default_factory=dict)
     gate_fail_mode: str = "closed"
     reserve_commit: str = "durable"
+    reserve_ahead: bool = True
     log_content: str = "full"
     max_tokens: int = 512
     request_timeout: float = 120.0
@@ -229,6 +230,7 @@ def load_settings(env: dict[str, str] | None = None, dotenv: bool = True) -> Set
         tier_limits={tier: value for tier, value in limits.items() if value >= 0},
         gate_fail_mode=_choice(env, "VTAI_GATE_FAIL_MODE", FAIL_MODES, "closed"),
         reserve_commit=_choice(env, "VTAI_RESERVE_COMMIT", RESERVE_COMMITS, "durable"),
+        reserve_ahead=_choice(env, "VTAI_RESERVE_AHEAD", ("on", "off"), "on") == "on",
         log_content=_choice(env, "VTAI_LOG_CONTENT", LOG_CONTENT_MODES, "full"),
         max_tokens=_int(env, "VTAI_MAX_TOKENS", 512, minimum=1),
         request_timeout=float(_int(env, "VTAI_REQUEST_TIMEOUT", 120, minimum=1)),

@@ -15,6 +15,7 @@ Supabase Auth users.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,8 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from vtai.gate import Grant, Usage, when_unavailable
 from vtai.ledger import sanitize
 from vtai.users import Profile
+
+log = logging.getLogger(__name__)
 
 # Network failures and gateway/server errors: the usage service is down, not the request bad.
 UNAVAILABLE = (httpx.TransportError, OSError, TimeoutError)
@@ -133,6 +136,15 @@ class SupabaseStore:
         for key in ("period_start", "resets_at"):
             row[key] = _datetime(row.get(key))
         return Grant(**row)
+
+    async def release(self, reservation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+        """Give back a reservation no turn will use; if this fails, its TTL gives it back."""
+        params = {"p_reservation": str(reservation_id), "p_user": str(user_id)}
+        try:
+            return bool(await self._rpc("vtai_release", params))
+        except Exception as exc:
+            log.warning("releasing a reservation failed (%s); it expires", type(exc).__name__)
+            return False
 
     async def record(self, row: dict) -> bool:
         """Send one row: True if new, False if already recorded. Raises when it can't."""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from vtai.callback import META_KEY, CallNotes, estimate_tokens
 from vtai.content import content_for_log, redact_secrets
 from vtai.gate import Gate, Grant
 from vtai.ledger import Ledger, sanitize
+from vtai.next_turn import NEW_MESSAGE, NextTurn
 from vtai.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class TurnRequest:
     model: str
     history: list[dict]
     text: str
+    # The chat's reservation taken ahead (vtai.next_turn); None reserves when the turn starts.
+    next_turn: NextTurn | None = None
 
 
 @dataclass
@@ -121,6 +125,7 @@ class TurnRunner:
         self.notes = notes
         self.settings = settings
         self._background: set[asyncio.Task] = set()
+        self._holders: weakref.WeakSet[NextTurn] = weakref.WeakSet()
 
     def _later(self, row: dict) -> None:
         """Record off the reply's path: on disk before the turn returns, in the DB soon after."""
@@ -128,6 +133,38 @@ class TurnRunner:
         task = asyncio.create_task(self.ledger.record(row, held))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def next_turn(self) -> NextTurn | None:
+        """A new chat's holder of reservations taken ahead, if VTAI_RESERVE_AHEAD is on."""
+        if not self.settings.reserve_ahead:
+            return None
+        holder = NextTurn(self.gate, self.settings.reservation_ttl, self.settings.request_timeout)
+        self._holders.add(holder)
+        return holder
+
+    async def release_ahead(self) -> None:
+        """At shutdown: the open chats' reservations go back now, not at their TTL."""
+        await asyncio.gather(*(h.release() for h in list(self._holders)), return_exceptions=True)
+
+    def reserve_ahead(
+        self, holder: NextTurn | None, user_id: uuid.UUID, model: str, history: list[dict]
+    ) -> None:
+        """Start reserving the chat's next turn: the chat so far, a new message, an answer."""
+        if holder is None:
+            return
+
+        def size() -> tuple[int, int]:
+            prompt = count_prompt(model, history) + NEW_MESSAGE
+            return prompt, min(self.settings.max_tokens, models.context_window(model) - prompt)
+
+        holder.prepare(user_id, size)
+
+    async def _reserve(self, req: TurnRequest, prompt_tokens: int, budget: int) -> Grant:
+        if req.next_turn is not None:
+            grant = await req.next_turn.take(req.user_id, prompt_tokens, budget)
+            if grant is not None:
+                return grant
+        return await self.gate.reserve(req.user_id, prompt_tokens, budget)
 
     async def drain(self) -> None:
         if self._background:
@@ -197,7 +234,7 @@ class TurnRunner:
             return TurnOutcome("refused", notice=notice, call_id=call_id, history=req.history)
 
         budget = min(self.settings.max_tokens, window - prompt_tokens)
-        grant = await self.gate.reserve(req.user_id, prompt_tokens, budget)
+        grant = await self._reserve(req, prompt_tokens, budget)
         if not grant.granted:
             self._later(
                 self._row(
@@ -232,6 +269,7 @@ class TurnRunner:
         usage: dict = {}
         finish = None
         stream = None
+        complete = False
         try:
             stream = await litellm.acompletion(
                 model=req.model,
@@ -262,12 +300,14 @@ class TurnRunner:
             if estimated:
                 self.notes.estimated.add(call_id)
             self._hold_provisional(req, call_id, grant, messages, "".join(parts), usage, estimated)
+            complete = True
         except asyncio.CancelledError:
             # The user pressed stop: charge what was produced, then let the cancel through.
             self._record_partial(req, call_id, grant, messages, parts, None)
             raise
         except Exception as exc:
             self._record_partial(req, call_id, grant, messages, parts, exc)
+            self.reserve_ahead(req.next_turn, req.user_id, req.model, req.history)
             return TurnOutcome(
                 "failed",
                 reply="".join(parts),
@@ -281,8 +321,15 @@ class TurnRunner:
         finally:
             # Stops a local generation at once; a provider stream closes its connection.
             if stream is not None and hasattr(stream, "aclose"):
-                await asyncio.shield(_close(stream))
+                if complete:
+                    # Nothing left to stop; a shield would hand the loop to LiteLLM's logging
+                    # tasks (about 1 ms) before the answer is returned.
+                    await _close(stream)
+                else:
+                    await asyncio.shield(_close(stream))
         reply = "".join(parts)
+        history = [*messages, {"role": "assistant", "content": reply}]
+        self.reserve_ahead(req.next_turn, req.user_id, req.model, history)
         if finish == "length":
             cut = (
                 "your quota is nearly used up"
@@ -297,7 +344,7 @@ class TurnRunner:
             grant=grant,
             call_id=call_id,
             usage=usage,
-            history=[*messages, {"role": "assistant", "content": reply}],
+            history=history,
             trimmed=dropped,
         )
 
