@@ -33,14 +33,14 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {
     "gate_latency": ["--sizes", "1000,100000,1000000", "--turns", "2000", "--seed-turns", "100"],
-    "turn_overhead": ["--users", "1,50,200", "--turns", "1000", "--rate", "25"],
+    "turn_overhead": ["--levels", "1@25,50@5,200@20,50@25", "--turns", "500"],
     "ingest": ["--rows", "20000", "--batch-rows", "100000"],
     "processes": ["--processes", "4", "--users", "200", "--seconds", "30"],
     "memory": ["--sessions", "200"],
 }
 QUICK = {
     "gate_latency": ["--sizes", "1000,10000", "--turns", "300", "--seed-turns", "30"],
-    "turn_overhead": ["--users", "1,50", "--turns", "200"],
+    "turn_overhead": ["--levels", "1@25,50@25", "--turns", "200"],
     "ingest": ["--rows", "2000", "--batch-rows", "10000"],
     "processes": ["--processes", "4", "--users", "40", "--seconds", "5"],
     "memory": ["--sessions", "10"],
@@ -163,6 +163,15 @@ DESIGN = """## What makes the meter fast, and what it costs
    same quota, so the user can end above the limit by at most what the lost reservations
    held. The default keeps the limit exact across crashes and pays one WAL flush per turn,
    which is the "commit floor" the gate table measures on this disk.
+7. **The gate is off the reply's path** (`vtai/next_turn.py`, `VTAI_RESERVE_AHEAD=on`). A
+   chat reserves its next turn when it opens and right after each answer, while the user
+   reads and types; the turn then spends that reservation with no round trip. It is the same
+   atomic `vtai_reserve`, released by `vtai_release` when the chat closes, so the limit holds
+   exactly as before (docs/metering.md says when a turn reserves for itself instead).
+8. **The reply returns at the usage chunk.** The usage chunk comes last; once it is in, the
+   turn holds its row on disk and returns, and LiteLLM's end of stream (a second full build
+   of the response, then its success hooks, which write the full row) runs in the
+   background. If that end fails, the held row is recorded instead.
 """
 
 

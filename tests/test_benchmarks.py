@@ -24,7 +24,7 @@ async def test_gate_latency(bench_db):
 
 
 async def test_turn_overhead(bench_db):
-    s = await turn_overhead.bench(bench_db, [1, 3], turns=6, rate=200, rounds=2)
+    s = await turn_overhead.bench(bench_db, [(1, 200), (3, 200)], turns=6, rounds=2)
     assert [d["turns"] for d in s.data["levels"].values()] == [6, 6]
     assert s.data["rows"] == s.data["metered_turns"] >= 24
     assert s.data["counters_exact"] and s.data["reserved"] == 0

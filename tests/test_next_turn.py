@@ -191,7 +191,8 @@ async def test_many_chats_of_one_user_never_pass_the_limit(services, conn):
     refused = sum(kinds.count("refused") for kinds in results)
     await settled(conn, answered + refused)
     used = await conn.fetchval("select used from usage_counters")
-    assert limit - 500 < used <= limit
+    # In-flight reservations can refuse a turn before the last tokens are used: never after.
+    assert limit // 2 < used <= limit
     assert await conn.fetchval("select reserved from usage_counters") == 0
     assert await held_ids(conn) == []
 

@@ -178,3 +178,58 @@ async def test_unknown_user_is_refused(services, conn):
     ghost = type("Ghost", (), {"id": uuid.uuid4()})()
     outcome, _ = await collect(runner_for(services, mock_response="x"), request(ghost))
     assert outcome.kind == "refused" and "no longer exists" in outcome.notice
+
+
+async def test_the_reply_returns_before_litellm_ends_the_stream_and_the_full_row_wins(
+    services, conn
+):
+    user = await add_user(conn)
+    runner = runner_for(services, mock_response="The quick brown fox.")
+    outcome, _ = await collect(runner, request(user))
+    # The stream's end (LiteLLM's final build and its success hooks) is still under way.
+    assert outcome.kind == "answered" and outcome.usage["total_tokens"] > 0
+    assert runner._background
+    await services.flush()
+    assert await wait_for_rows(conn, 1) == 1
+    details = await conn.fetchval("select additional_details from request_logs")
+    assert '"provisional"' not in details and '"tier": "free"' in details
+    assert not services.callback.notes.provisional
+
+
+class _TailFails:
+    """STAND-IN for a provider stream whose end breaks after the usage chunk (LiteLLM can't be
+    made to fail there on cue): iterating raises what a dropped connection raises."""
+
+    def __init__(self):
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        raise ConnectionResetError("connection reset by peer")
+
+    async def aclose(self):
+        self.closed = True
+
+
+async def test_if_the_stream_end_fails_the_row_held_at_the_answer_is_recorded(services, conn):
+    user = await add_user(conn)
+    runner = runner_for(services)
+    call_id = str(uuid.uuid4())
+    row = {
+        "litellm_call_id": call_id,
+        "end_user": str(user.id),
+        "status": "success",
+        "prompt_tokens": 12,
+        "completion_tokens": 5,
+        "additional_details": {"provisional": True},
+    }
+    services.callback.notes.provisional[call_id] = services.ledger.hold(row)
+    stream = _TailFails()
+    await runner._finish_stream(stream, call_id)
+    assert stream.closed and call_id in services.callback.notes.claimed
+    assert await wait_for_rows(conn, 1) == 1
+    r = await conn.fetchrow("select status, total_tokens from request_logs")
+    assert (r["status"], r["total_tokens"]) == ("success", 17)
+    assert await conn.fetch("select * from vtai_verify_counters()") == []

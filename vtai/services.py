@@ -98,6 +98,8 @@ class Services:
         """Wait for every pending ledger write: LiteLLM's queued hooks and the turn's own."""
         from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
 
+        # Answered streams finish in the background and only then queue their success hooks.
+        await self.runner.drain()
         try:
             await asyncio.wait_for(GLOBAL_LOGGING_WORKER.flush(), timeout)
         except TimeoutError:

@@ -127,12 +127,31 @@ class TurnRunner:
         self._background: set[asyncio.Task] = set()
         self._holders: weakref.WeakSet[NextTurn] = weakref.WeakSet()
 
+    def _in_background(self, work: Awaitable) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _later(self, row: dict) -> None:
         """Record off the reply's path: on disk before the turn returns, in the DB soon after."""
         held = self.ledger.hold(row)
-        task = asyncio.create_task(self.ledger.record(row, held))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self.ledger.record(row, held))
+
+    async def _finish_stream(self, stream, call_id: str) -> None:
+        """The rest of an answered stream: LiteLLM finishes it and runs its success hooks, and
+        the callback writes the turn's full row. If that end fails, the row held on disk when
+        the answer came is the record instead (a write is idempotent on the call id)."""
+        try:
+            async for _chunk in stream:
+                pass
+        except Exception as exc:
+            log.warning("the end of call %s's stream failed (%s)", call_id, type(exc).__name__)
+            held = self.notes.provisional.pop(call_id, None)
+            if held is not None:
+                self.notes.claimed.add(call_id)
+                await self.ledger.record(held.row, held)
+        finally:
+            await _close(stream)
 
     def next_turn(self) -> NextTurn | None:
         """A new chat's holder of reservations taken ahead, if VTAI_RESERVE_AHEAD is on."""
@@ -295,12 +314,18 @@ class TurnRunner:
                 if delta:
                     parts.append(delta)
                     await on_token(delta)
+                if finish and usage:
+                    # The answer and its usage are in (the usage chunk comes last). LiteLLM's
+                    # end of stream, a second full build of the response and then its success
+                    # hooks, runs after the reply is returned: see _finish_stream.
+                    break
             # Synchronously, before LiteLLM's logging worker runs the success hook.
             estimated = not any(getattr(c, "usage", None) for c in getattr(stream, "chunks", []))
             if estimated:
                 self.notes.estimated.add(call_id)
             self._hold_provisional(req, call_id, grant, messages, "".join(parts), usage, estimated)
             complete = True
+            self._in_background(self._finish_stream(stream, call_id))
         except asyncio.CancelledError:
             # The user pressed stop: charge what was produced, then let the cancel through.
             self._record_partial(req, call_id, grant, messages, parts, None)
@@ -320,13 +345,8 @@ class TurnRunner:
             )
         finally:
             # Stops a local generation at once; a provider stream closes its connection.
-            if stream is not None and hasattr(stream, "aclose"):
-                if complete:
-                    # Nothing left to stop; a shield would hand the loop to LiteLLM's logging
-                    # tasks (about 1 ms) before the answer is returned.
-                    await _close(stream)
-                else:
-                    await asyncio.shield(_close(stream))
+            if not complete and stream is not None and hasattr(stream, "aclose"):
+                await asyncio.shield(_close(stream))
         reply = "".join(parts)
         history = [*messages, {"role": "assistant", "content": reply}]
         self.reserve_ahead(req.next_turn, req.user_id, req.model, history)
