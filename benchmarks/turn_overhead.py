@@ -238,7 +238,7 @@ METERED = SIDES[1:]
 
 
 async def bench(
-    db_url: str, levels: list[tuple[int, float]], turns: int, rounds: int = 2
+    db_url: str, levels: list[tuple[int, float]], turns: int, rounds: int = 4
 ) -> common.Section:
     with common.data_dir() as tmp:
         settings = Settings(database_url=db_url, data_dir=tmp, model=MODEL)

@@ -166,14 +166,23 @@ class TurnRunner:
         await asyncio.gather(*(h.release() for h in list(self._holders)), return_exceptions=True)
 
     def reserve_ahead(
-        self, holder: NextTurn | None, user_id: uuid.UUID, model: str, history: list[dict]
+        self,
+        holder: NextTurn | None,
+        user_id: uuid.UUID,
+        model: str,
+        history: list[dict],
+        counted: int | None = None,
     ) -> None:
-        """Start reserving the chat's next turn: the chat so far, a new message, an answer."""
+        """Start reserving the chat's next turn: the chat so far, a new message, an answer.
+
+        `counted`: the chat so far in prompt tokens, if the caller knows it; it only sizes the
+        reservation, and a turn it doesn't cover reserves for itself."""
         if holder is None:
             return
 
         def size() -> tuple[int, int]:
-            prompt = count_prompt(model, history) + NEW_MESSAGE
+            so_far = counted if counted is not None else count_prompt(model, history)
+            prompt = so_far + NEW_MESSAGE
             return prompt, min(self.settings.max_tokens, models.context_window(model) - prompt)
 
         holder.prepare(user_id, size)
@@ -349,7 +358,12 @@ class TurnRunner:
                 await asyncio.shield(_close(stream))
         reply = "".join(parts)
         history = [*messages, {"role": "assistant", "content": reply}]
-        self.reserve_ahead(req.next_turn, req.user_id, req.model, history)
+        # This prompt's count plus the answer's: no need to count the whole chat again.
+        answer = usage.get("completion_tokens")
+        counted = None
+        if answer is not None:
+            counted = prompt_tokens + math.ceil((answer + 4) * PROMPT_MARGIN)
+        self.reserve_ahead(req.next_turn, req.user_id, req.model, history, counted)
         if finish == "length":
             cut = (
                 "your quota is nearly used up"
