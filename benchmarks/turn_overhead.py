@@ -20,6 +20,7 @@ when the message arrives (VTAI_RESERVE_AHEAD=off).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import os
@@ -423,12 +424,34 @@ def section(levels, turns, rows, data) -> common.Section:
     )
 
 
+def parse_levels(text: str) -> list[tuple[int, float]]:
+    """'1@25,50@5' -> [(1, 25.0), (50, 5.0)]; anything else is argparse's one-line error."""
+    levels = []
+    for part in text.split(","):
+        users, _, rate = part.strip().partition("@")
+        try:
+            level = (int(users), float(rate))
+        except ValueError:
+            level = (0, 0.0)
+        if level[0] < 1 or level[1] <= 0:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not USERS@TURNS_PER_SECOND, e.g. 50@5"
+            )
+        levels.append(level)
+    return levels
+
+
 async def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--levels", default="1@25,50@5,200@20,50@25", help="users@turns/s,...")
+    p.add_argument(
+        "--levels",
+        type=parse_levels,
+        default="1@25,50@5,200@20,50@25",
+        help="users@turns/s, comma-separated",
+    )
     p.add_argument("--turns", type=int, default=500, help="per side per level")
     args = p.parse_args()
-    levels = [(int(n), float(r)) for n, r in (s.split("@") for s in args.levels.split(","))]
+    levels = args.levels
     async with common.database(args.db_url) as url:
         result = await bench(url, levels, args.turns)
     common.finish(result, args.json)

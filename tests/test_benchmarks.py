@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from benchmarks import common, gate_latency, ingest, memory, processes, turn_overhead
@@ -55,3 +57,10 @@ async def test_memory(bench_db):
     assert data["answered"] == 3
     s = memory.section(data, sessions=2, max_tokens=2)
     assert len(s.rows) == len(data["rss"]) == 5
+
+
+def test_turn_overhead_levels_are_parsed_or_refused_in_one_line():
+    assert turn_overhead.parse_levels("1@25, 50@5") == [(1, 25.0), (50, 5.0)]
+    for bad in ("50", "x@5", "50@0", "0@5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="USERS@TURNS_PER_SECOND"):
+            turn_overhead.parse_levels(bad)

@@ -88,6 +88,7 @@ async def start(past: list[dict] | None = None, model: str | None = None) -> Non
     cl.user_session.set("history", past or [])
     cl.user_session.set("model", offered[chosen])
     # The first message's reservation is made while the user types it.
+    await end()  # a session that switches chats gives the old one's reservation back
     holder = s.runner.next_turn()
     cl.user_session.set("next_turn", holder)
     s.runner.reserve_ahead(holder, _user_id(), offered[chosen], past or [])

@@ -136,6 +136,7 @@ class NextTurn:
         try:
             held = await task
         except Exception:
+            # It never reserved (take() logs why when a turn asks for it): nothing to give back.
             return
         if held is not None:
             await self.gate.release(held.grant.reservation_id, held.user_id)
