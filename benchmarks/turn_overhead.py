@@ -39,6 +39,7 @@ import litellm  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import ms, pct  # noqa: E402
+from vtai import litellm_stream_end  # noqa: E402
 from vtai.db import Database  # noqa: E402
 from vtai.gate import Gate  # noqa: E402
 from vtai.next_turn import NextTurn  # noqa: E402
@@ -50,6 +51,8 @@ MODEL = "gpt-4o-mini"
 # Short on purpose: LiteLLM's mock streams 3 characters per chunk at ~0.7 ms of CPU each, and
 # that cost is the same with or without metering.
 ANSWER = "Paris, on the Seine, known for the Louvre."
+# For the breakdown only: about 330 chunks, the length of a typical chat answer in tokens.
+LONG_ANSWER = " ".join(["word"] * 200)
 QUESTION = "What is the capital of France, and what is it known for?"
 
 
@@ -120,13 +123,15 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
     async def counting() -> None:
         count_prompt(MODEL, [{"role": "user", "content": f"{QUESTION} {uuid.uuid4()}"}])
 
-    def call(**options):
+    usage = {"stream_options": {"include_usage": True}}
+
+    def call(answer=ANSWER, **options):
         async def run() -> None:
             stream = await litellm.acompletion(
                 model=MODEL,
                 messages=[{"role": "user", "content": QUESTION}],
                 stream=True,
-                mock_response=ANSWER,
+                mock_response=answer,
                 **options,
             )
             async for _chunk in stream:
@@ -157,14 +162,23 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
     def unmetered(on: bool) -> None:
         (unregister_callback if on else register_callback)(services.callback)
 
+    def as_litellm(on: bool) -> None:
+        """Unmetered, and LiteLLM's end of stream as it ships (vtai.litellm_stream_end)."""
+        unmetered(on)
+        (litellm_stream_end.remove if on else litellm_stream_end.apply)()
+
     def nothing(_on: bool) -> None:
         return None
 
     cpu = time.process_time
     m = await medians(
         {
-            "plain": (call(), cpu, unmetered),
-            "usage": (call(stream_options={"include_usage": True}), cpu, unmetered),
+            "plain": (call(), cpu, as_litellm),
+            "usage_as_shipped": (call(**usage), cpu, as_litellm),
+            "usage": (call(**usage), cpu, unmetered),
+            "plain_long": (call(LONG_ANSWER), cpu, as_litellm),
+            "usage_long_as_shipped": (call(LONG_ANSWER, **usage), cpu, as_litellm),
+            "usage_long": (call(LONG_ANSWER, **usage), cpu, unmetered),
             "options": (metered_options, cpu, unmetered),
             "callback": (metered_options, cpu, nothing),
             "count_prompt": (counting, cpu, nothing),
@@ -182,6 +196,9 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
     return {
         "count_prompt": m["count_prompt"],
         "stream_usage": m["usage"] - m["plain"],
+        "stream_usage_as_shipped": m["usage_as_shipped"] - m["plain"],
+        "stream_usage_long": m["usage_long"] - m["plain_long"],
+        "stream_usage_long_as_shipped": m["usage_long_as_shipped"] - m["plain_long"],
         "litellm_options": m["options"] - m["usage"],
         "litellm_callback": m["callback"] - m["options"],
         "gate": m["gate"],
@@ -294,9 +311,11 @@ async def bench(
                     for side in SIDES:
                         if side == "bare":
                             unregister_callback(services.callback)
+                            litellm_stream_end.remove()
                         x, y, c = await phase(users, turns // rounds, rate, turn_of[side])
                         if side == "bare":
                             register_callback(services.callback)
+                            litellm_stream_end.apply()
                         else:
                             metered_count += len(x)
                             # Let the ledger catch up before the next block.
@@ -358,8 +377,8 @@ def section(levels, turns, rows, data) -> common.Section:
             "nothing of the gate is on the reply's path, and after the usage chunk the turn "
             "only holds its row on disk and returns; what is left is waiting behind other "
             "users' work on the one event loop, where a metered turn costs "
-            f"{ms(d['cpu_ahead'] - d['cpu_bare'])} ms more CPU (LiteLLM building a stream with "
-            "usage twice, its success hooks, VT.ai's row, the ledger write, the next turn's "
+            f"{ms(d['cpu_ahead'] - d['cpu_bare'])} ms more CPU (usage in the stream, "
+            "LiteLLM's success hooks, VT.ai's row, the ledger write, the next turn's "
             "reservation), so at this pace a turn more often waits behind one"
         )
         for what, label_ in (("last", "to the last token"), ("done", "to `run()` returning")):
@@ -377,7 +396,9 @@ def section(levels, turns, rows, data) -> common.Section:
         "after the previous answer (and when it opened), so the turn spends that reservation; "
         "in line (VTAI_RESERVE_AHEAD=off): the turn calls `vtai_reserve` when the message "
         "arrives. Bare: `litellm.acompletion(stream=True, mock_response=...)` consumed the "
-        "same way, with VT.ai's callback unregistered. Offered load "
+        "same way, with VT.ai's callback unregistered and LiteLLM's end of stream as it ships "
+        "(a plain LiteLLM app); metered blocks run with `vtai.litellm_stream_end` applied, as "
+        "the app does. Offered load "
         "N@R: N users offering R turns/s in total; "
         f"{turns:,} turns per side per level, in "
         "alternating blocks. Every message is different, so no count is cached.",
@@ -393,8 +414,11 @@ def section(levels, turns, rows, data) -> common.Section:
         "LiteLLM Proxy publishes p50 3 ms / p99 31 ms of added latency for comparison.",
         "Where the metered turn's extra time goes (1 user, nothing else running, medians): "
         f"counting a new message {ms(b['count_prompt'])} ms CPU; usage in the stream "
-        f"{ms(b['stream_usage'])} ms CPU (LiteLLM builds the finished response once for the "
-        "usage chunk and again at the end of the stream), the other options "
+        f"{ms(b['stream_usage'])} ms CPU ({ms(b['stream_usage_as_shipped'])} ms with "
+        "LiteLLM as it ships, which builds the finished response once for the usage chunk "
+        "and again at the end of the stream; on a 330-chunk answer "
+        f"{ms(b['stream_usage_long'])} ms, against {ms(b['stream_usage_long_as_shipped'])} "
+        "ms as it ships), the other options "
         f"(metadata, call id, timeout, max_tokens) {ms(b['litellm_options'])} ms CPU, and "
         "running VT.ai's callback (LiteLLM's logging payload, then the row) "
         f"{ms(b['litellm_callback'])} ms CPU, all three including "

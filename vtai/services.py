@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import litellm
 
-from vtai import supabase_login, users
+from vtai import litellm_stream_end, supabase_login, users
 from vtai.callback import CallNotes, MeteringLogger
 from vtai.db import Database
 from vtai.gate import Gate
@@ -75,6 +75,7 @@ class Services:
         callback = MeteringLogger(ledger, settings.log_content, notes)
         register_callback(callback)
         _register_local_model()
+        litellm_stream_end.apply()
         if replay:
             await ledger.recover()
             ledger.start_replayer()
