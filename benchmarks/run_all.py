@@ -176,8 +176,9 @@ DESIGN = """## What makes the meter fast, and what it costs
    the stream, which exact billing needs, LiteLLM 1.106.2 runs `stream_chunk_builder` over
    the whole answer twice, about 1 ms plus 0.06 ms per chunk each time, in a worker thread.
    A start-up patch, applied only to that release, returns the first build the second time
-   and builds short answers on the loop. The per-turn table's bare side runs LiteLLM as it
-   ships; the breakdown under it shows the saving on a 330-chunk answer.
+   and builds short answers on the loop. Both sides of the per-turn table run with it (the
+   bare side is the same process with metering off); the breakdown under the table compares
+   LiteLLM as it ships, on a short and on a 330-chunk answer.
 """
 
 

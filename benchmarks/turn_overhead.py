@@ -311,11 +311,9 @@ async def bench(
                     for side in SIDES:
                         if side == "bare":
                             unregister_callback(services.callback)
-                            litellm_stream_end.remove()
                         x, y, c = await phase(users, turns // rounds, rate, turn_of[side])
                         if side == "bare":
                             register_callback(services.callback)
-                            litellm_stream_end.apply()
                         else:
                             metered_count += len(x)
                             # Let the ledger catch up before the next block.
@@ -396,9 +394,9 @@ def section(levels, turns, rows, data) -> common.Section:
         "after the previous answer (and when it opened), so the turn spends that reservation; "
         "in line (VTAI_RESERVE_AHEAD=off): the turn calls `vtai_reserve` when the message "
         "arrives. Bare: `litellm.acompletion(stream=True, mock_response=...)` consumed the "
-        "same way, with VT.ai's callback unregistered and LiteLLM's end of stream as it ships "
-        "(a plain LiteLLM app); metered blocks run with `vtai.litellm_stream_end` applied, as "
-        "the app does. Offered load "
+        "same way, with VT.ai's callback unregistered: the same process with metering off, "
+        "so both sides run `vtai.litellm_stream_end` (the breakdown below shows LiteLLM as it "
+        "ships). Offered load "
         "N@R: N users offering R turns/s in total; "
         f"{turns:,} turns per side per level, in "
         "alternating blocks. Every message is different, so no count is cached.",

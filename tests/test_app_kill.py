@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import litellm
 import pytest
 
 from tests.conftest import ROOT, create_database, drop_database, make_settings
@@ -55,13 +56,23 @@ async def burst_main(db_url: str, data_dir: Path, turns: int, spacing: float, id
     so the killer knows exactly which turns the user saw finish."""
     provider = FakeProvider().start()
     services = await Services.start(app_settings(db_url, data_dir), replay=False)
+    options = {"api_base": provider.url("ok"), "api_key": "sk-test", "max_retries": 0}
     runner = TurnRunner(
         services.gate,
         services.ledger,
         services.callback.notes,
         services.settings,
-        call_options={"api_base": provider.url("ok"), "api_key": "sk-test", "max_retries": 0},
+        call_options=options,
     )
+    # A process's first LiteLLM call pays for imports and the HTTP client: about 0.85 s here,
+    # more on a busy machine. Until it is paid every answer is slower than every refusal, and
+    # the first `kill_after` turns to finish could all be refusals. Without VT.ai's metadata
+    # the call is not metered.
+    warm_up = await litellm.acompletion(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True, **options
+    )
+    async for _chunk in warm_up:
+        pass
     print("ready", flush=True)
 
     async def one(i: int) -> None:
