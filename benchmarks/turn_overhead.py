@@ -173,12 +173,14 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
     cpu = time.process_time
     m = await medians(
         {
-            "plain": (call(), cpu, as_litellm),
-            "usage_as_shipped": (call(**usage), cpu, as_litellm),
+            "plain": (call(), cpu, unmetered),
             "usage": (call(**usage), cpu, unmetered),
-            "plain_long": (call(LONG_ANSWER), cpu, as_litellm),
-            "usage_long_as_shipped": (call(LONG_ANSWER, **usage), cpu, as_litellm),
+            "plain_as_shipped": (call(), cpu, as_litellm),
+            "usage_as_shipped": (call(**usage), cpu, as_litellm),
+            "plain_long": (call(LONG_ANSWER), cpu, unmetered),
             "usage_long": (call(LONG_ANSWER, **usage), cpu, unmetered),
+            "plain_long_as_shipped": (call(LONG_ANSWER), cpu, as_litellm),
+            "usage_long_as_shipped": (call(LONG_ANSWER, **usage), cpu, as_litellm),
             "options": (metered_options, cpu, unmetered),
             "callback": (metered_options, cpu, nothing),
             "count_prompt": (counting, cpu, nothing),
@@ -196,9 +198,9 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
     return {
         "count_prompt": m["count_prompt"],
         "stream_usage": m["usage"] - m["plain"],
-        "stream_usage_as_shipped": m["usage_as_shipped"] - m["plain"],
+        "stream_usage_as_shipped": m["usage_as_shipped"] - m["plain_as_shipped"],
         "stream_usage_long": m["usage_long"] - m["plain_long"],
-        "stream_usage_long_as_shipped": m["usage_long_as_shipped"] - m["plain_long"],
+        "stream_usage_long_as_shipped": m["usage_long_as_shipped"] - m["plain_long_as_shipped"],
         "litellm_options": m["options"] - m["usage"],
         "litellm_callback": m["callback"] - m["options"],
         "gate": m["gate"],
@@ -256,7 +258,7 @@ METERED = SIDES[1:]
 
 
 async def bench(
-    db_url: str, levels: list[tuple[int, float]], turns: int, rounds: int = 4
+    db_url: str, levels: list[tuple[int, float]], turns: int, rounds: int = 8
 ) -> common.Section:
     with common.data_dir() as tmp:
         settings = Settings(database_url=db_url, data_dir=tmp, model=MODEL)
@@ -296,7 +298,7 @@ async def bench(
                 # Each user has one chat open; opening it reserves its first turn.
                 holders[user] = runner.next_turn()
                 runner.reserve_ahead(holders[user], user, MODEL, [])
-            rows, data = [], {"levels": {}}
+            rows, data = [], {"levels": {}, "rounds": rounds}
             data["breakdown"] = await breakdown(
                 services, fast_gate, all_users[0], max(20, turns // 10)
             )
@@ -398,8 +400,9 @@ def section(levels, turns, rows, data) -> common.Section:
         "so both sides run `vtai.litellm_stream_end` (the breakdown below shows LiteLLM as it "
         "ships). Offered load "
         "N@R: N users offering R turns/s in total; "
-        f"{turns:,} turns per side per level, in "
-        "alternating blocks. Every message is different, so no count is cached.",
+        f"at least {turns:,} turns per side per level (whole turns per user: the table gives "
+        f"the count), in {data['rounds']} alternating blocks per side. Every message is "
+        "different, so no count is cached.",
         "Added = metered percentile minus bare percentile, in ms. Last token: from sending the "
         "message to its answer's last token handed to the UI (the answer is complete on the "
         "user's screen). Return: to `run()` returning, when the app appends the quota line. "
