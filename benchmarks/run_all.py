@@ -169,9 +169,9 @@ DESIGN = """## What makes the meter fast, and what it costs
    atomic `vtai_reserve`, released by `vtai_release` when the chat closes, so the limit holds
    exactly as before (docs/metering.md says when a turn reserves for itself instead).
 8. **The reply returns at the usage chunk.** The usage chunk comes last; once it is in, the
-   turn holds its row on disk and returns, and LiteLLM's end of stream (a second full build
-   of the response, then its success hooks, which write the full row) runs in the
-   background. If that end fails, the held row is recorded instead.
+   turn holds its row on disk and returns, and LiteLLM's end of stream (its success hooks,
+   which write the full row) runs in the background. If that end fails, the held row is
+   recorded instead.
 9. **LiteLLM builds a finished stream once** (`vtai/litellm_stream_end.py`). With usage in
    the stream, which exact billing needs, LiteLLM 1.106.2 runs `stream_chunk_builder` over
    the whole answer twice, about 1 ms plus 0.06 ms per chunk each time, in a worker thread.

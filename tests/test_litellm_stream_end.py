@@ -145,6 +145,15 @@ def test_another_litellm_runs_unchanged(unpatched, monkeypatch, caplog):
     assert "LiteLLM is 9.9.9, the patch was written for 1.106.2" in caplog.text
 
 
+def test_litellm_without_its_source_runs_unchanged(unpatched, monkeypatch):
+    def no_source(_obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(litellm_stream_end.inspect, "getsource", no_source)
+    assert litellm_stream_end.apply() is False
+    assert "source is not installed" in litellm_stream_end.applicable()
+
+
 async def test_metered_turn_row_matches_its_usage(services, conn, monkeypatch):
     # Services.start applies the patch; the row the success hook writes is the turn's usage.
     builds = Builds(monkeypatch)

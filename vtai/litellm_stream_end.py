@@ -68,7 +68,11 @@ def applicable() -> str | None:
     if version() != WRITTEN_FOR:
         return f"LiteLLM is {version()}, the patch was written for {WRITTEN_FOR}"
     finalize = streaming_handler.CustomStreamWrapper._finalize_completed_stream
-    if CALL_SITE not in inspect.getsource(finalize):
+    try:
+        source = inspect.getsource(finalize)
+    except (OSError, TypeError):
+        return "LiteLLM's source is not installed, so the patch can't check its call site"
+    if CALL_SITE not in source:
         return "LiteLLM's end of stream no longer reads as the patch expects"
     return None
 

@@ -325,8 +325,8 @@ class TurnRunner:
                     await on_token(delta)
                 if finish and usage:
                     # The answer and its usage are in (the usage chunk comes last). LiteLLM's
-                    # end of stream, a second full build of the response and then its success
-                    # hooks, runs after the reply is returned: see _finish_stream.
+                    # end of stream, which runs its success hooks, comes after the reply is
+                    # returned: see _finish_stream.
                     break
             # Synchronously, before LiteLLM's logging worker runs the success hook.
             estimated = not any(getattr(c, "usage", None) for c in getattr(stream, "chunks", []))
