@@ -308,6 +308,7 @@ async def bench(
                 last = {side: [] for side in SIDES}
                 done = {side: [] for side in SIDES}
                 cpu = {side: [] for side in SIDES}
+                blocks = {side: [] for side in SIDES}  # each block's last-token p50
                 # Alternate short blocks so that background load hits every side alike.
                 for _ in range(rounds):
                     for side in SIDES:
@@ -323,7 +324,8 @@ async def bench(
                         last[side] += x
                         done[side] += y
                         cpu[side].append(c)
-                d = {"turns": len(done["ahead"])}
+                        blocks[side].append(pct(x, 50))
+                d = {"turns": len(done["ahead"]), **block_spread(blocks)}
                 for side in SIDES:
                     for what, values in (("last", last[side]), ("done", done[side])):
                         d[f"{side}_{what}_p50"] = pct(values, 50)
@@ -362,6 +364,31 @@ async def bench(
     return section(levels, turns, rows, data)
 
 
+def block_spread(blocks: dict[str, list[float]]) -> dict:
+    """How much one block differs from the next: the noise a pooled percentile carries.
+
+    The bare side runs the same code at the same load in every block, so the range of its
+    block p50s is this machine's noise; each round's metered block minus the bare block just
+    before it is the added latency with drift between rounds taken out."""
+    paired = [a - b for a, b in zip(blocks["ahead"], blocks["bare"], strict=True)]
+    return {
+        "bare_block_p50_min": min(blocks["bare"]),
+        "bare_block_p50_max": max(blocks["bare"]),
+        "paired_added_last_p50": common.median(paired),
+        "paired_added_last_p50_min": min(paired),
+        "paired_added_last_p50_max": max(paired),
+    }
+
+
+def noise(d: dict) -> str:
+    return (
+        f"the bare side's own last-token p50 ranged {ms(d['bare_block_p50_min'])}-"
+        f"{ms(d['bare_block_p50_max'])} ms from one block to the next; per round, metered "
+        f"minus bare had median {ms(d['paired_added_last_p50'])} ms (from "
+        f"{ms(d['paired_added_last_p50_min'])} to {ms(d['paired_added_last_p50_max'])})"
+    )
+
+
 def label(users: int, rate: float) -> str:
     return f"{users}@{rate:g}"
 
@@ -379,7 +406,8 @@ def section(levels, turns, rows, data) -> common.Section:
             "users' work on the one event loop, where a metered turn costs "
             f"{ms(d['cpu_ahead'] - d['cpu_bare'])} ms more CPU (usage in the stream, "
             "LiteLLM's success hooks, VT.ai's row, the ledger write, the next turn's "
-            "reservation), so at this pace a turn more often waits behind one"
+            "reservation), so at this pace a turn more often waits behind one; and in this "
+            f"run {noise(d)}"
         )
         for what, label_ in (("last", "to the last token"), ("done", "to `run()` returning")):
             p50, p99 = d[f"added_ahead_{what}_p50"], d[f"added_ahead_{what}_p99"]
@@ -412,6 +440,9 @@ def section(levels, turns, rows, data) -> common.Section:
         f"Ledger rows: {data['rows']:,} of {data['metered_turns']:,} expected; counters "
         f"equal the ledger: {data['counters_exact']}; tokens still reserved after the chats "
         f"closed: {data['reserved']}.",
+        "Noise, last token, ahead: "
+        + "; ".join(f"{key}: {noise(d)}" for key, d in data["levels"].items())
+        + ". A pooled p50 can move by that much between runs of the same code.",
         "LiteLLM Proxy publishes p50 3 ms / p99 31 ms of added latency for comparison.",
         "Where the metered turn's extra time goes (1 user, nothing else running, medians): "
         f"counting a new message {ms(b['count_prompt'])} ms CPU; usage in the stream "

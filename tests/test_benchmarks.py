@@ -30,6 +30,20 @@ async def test_turn_overhead(bench_db):
     assert [d["turns"] for d in s.data["levels"].values()] == [6, 6]
     assert s.data["rows"] == s.data["metered_turns"] >= 24
     assert s.data["counters_exact"] and s.data["reserved"] == 0
+    for d in s.data["levels"].values():
+        assert d["bare_block_p50_min"] <= d["bare_block_p50_max"]
+        lo, hi = d["paired_added_last_p50_min"], d["paired_added_last_p50_max"]
+        assert lo <= d["paired_added_last_p50"] <= hi
+    assert "from one block to the next" in s.markdown()
+
+
+def test_block_spread_pairs_each_round_with_its_own_bare_block():
+    blocks = {"bare": [4.0, 6.0, 5.0], "inline": [9.0, 9.0, 9.0], "ahead": [4.5, 7.0, 5.2]}
+    d = turn_overhead.block_spread(blocks)
+    assert (d["bare_block_p50_min"], d["bare_block_p50_max"]) == (4.0, 6.0)
+    assert d["paired_added_last_p50"] == pytest.approx(0.5)
+    assert d["paired_added_last_p50_min"] == pytest.approx(0.2)
+    assert d["paired_added_last_p50_max"] == pytest.approx(1.0)
 
 
 async def test_ingest(bench_db):
