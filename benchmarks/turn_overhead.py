@@ -368,8 +368,8 @@ def block_spread(blocks: dict[str, list[float]]) -> dict:
     """How much one block differs from the next: the noise a pooled percentile carries.
 
     The bare side runs the same code at the same load in every block, so the range of its
-    block p50s is this machine's noise; each round's metered block minus the bare block just
-    before it is the added latency with drift between rounds taken out."""
+    block p50s is this machine's noise; each round's metered (ahead) block minus the same
+    round's bare block is the added latency with drift between rounds taken out."""
     paired = [a - b for a, b in zip(blocks["ahead"], blocks["bare"], strict=True)]
     return {
         "bare_block_p50_min": min(blocks["bare"]),
