@@ -3,10 +3,16 @@
 import chainlit as cl
 import chainlit.server
 
-from vtai import admin, chat, history
+from vtai import admin, chat, history, sessions, socket_guard, web_security
+from vtai.settings import load_settings
 
 # /admin and /admin/api/*, ahead of Chainlit's catch-all page route.
 admin.register(chainlit.server.app)
+# Who may call the app, whose login still holds, and what a chat client may send.
+_settings = load_settings()
+web_security.install(chainlit.server.app, chainlit.server.sio, _settings)
+sessions.install(chainlit.server.app, chainlit.server.sio, _settings)
+socket_guard.install(chainlit.server.sio, _settings)
 
 
 @cl.on_app_startup

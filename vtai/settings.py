@@ -58,6 +58,19 @@ class Settings:
     supabase_url: str | None = None
     supabase_service_key: str | None = field(default=None, repr=False)
     supabase_anon_key: str | None = field(default=None, repr=False)
+    # Security (docs/security.md).
+    # Origins besides the app's own that may call it with credentials (CORS, socket.io).
+    allowed_origins: tuple[str, ...] = ()
+    # The app's public origin behind a proxy, e.g. https://chat.example.com (return URLs too).
+    public_url: str | None = None
+    # How long a login lasts, in seconds; logout, a password change or a disable end it sooner.
+    session_ttl: int = 7 * 24 * 3600
+    # A chat message (or API message) longer than this is refused before it is stored.
+    max_message_chars: int = 32_000
+    # Seconds a turn keeps running for a client whose socket dropped, waiting for it to return.
+    disconnect_grace: int = 30
+    # Proxies whose X-Forwarded-For is believed (addresses or CIDR networks).
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def rest_metering(self) -> bool:
@@ -202,6 +215,29 @@ def _supabase_keys(env: dict[str, str], url: str | None, database_url: str | Non
     return service, anon
 
 
+def _origin(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise SettingsError(f"{name}: {value!r} is not an origin such as https://chat.example.com")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _list(env: dict[str, str], name: str) -> list[str]:
+    return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
+
+
+def _networks(env: dict[str, str], name: str) -> tuple[str, ...]:
+    import ipaddress
+
+    out = []
+    for item in _list(env, name):
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingsError(f"{name}: {item!r} is not an address or network") from None
+    return tuple(out)
+
+
 def _model(env: dict[str, str]) -> str:
     from vtai.models import LOCAL_MODEL_ID, validate_model_id
 
@@ -240,4 +276,14 @@ def load_settings(env: dict[str, str] | None = None, dotenv: bool = True) -> Set
         supabase_url=supabase_url,
         supabase_service_key=service_key,
         supabase_anon_key=anon_key,
+        allowed_origins=tuple(
+            _origin("VTAI_ALLOWED_ORIGINS", o) for o in _list(env, "VTAI_ALLOWED_ORIGINS")
+        ),
+        public_url=_origin("VTAI_PUBLIC_URL", env["VTAI_PUBLIC_URL"].strip())
+        if env.get("VTAI_PUBLIC_URL", "").strip()
+        else None,
+        session_ttl=_int(env, "VTAI_SESSION_TTL", 7 * 24 * 3600, minimum=60),
+        max_message_chars=_int(env, "VTAI_MAX_MESSAGE_CHARS", 32_000, minimum=1),
+        disconnect_grace=_int(env, "VTAI_DISCONNECT_GRACE", 30, minimum=0),
+        trusted_proxies=_networks(env, "VTAI_TRUSTED_PROXIES"),
     )
