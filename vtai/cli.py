@@ -70,8 +70,42 @@ async def user_password(settings: Settings, args: argparse.Namespace) -> int:
 
     async def work(db: Database) -> int:
         async with db.pool.acquire() as conn:
-            await users.set_password(conn, args.name, password)
-        print(f"password changed for {args.name}")
+            ended = await users.set_password(conn, args.name, password)
+        print(f"password changed for {args.name}; {_logins(ended)} ended")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+def _logins(n: int) -> str:
+    return f"{n} login{'' if n == 1 else 's'}"
+
+
+async def user_logout(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            ended = await users.end_sessions(conn, args.name)
+        print(f"{args.name}: {_logins(ended)} ended")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def user_disable(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            ended = await users.set_disabled(conn, args.name, True)
+        print(f"{args.name} is disabled ({_logins(ended)} ended); `vtai user enable` undoes it")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def user_enable(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            await users.set_disabled(conn, args.name, False)
+        print(f"{args.name} may log in again")
         return 0
 
     return await _with_db(settings, work)
@@ -81,10 +115,13 @@ async def user_list(settings: Settings, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
         async with db.pool.acquire() as conn:
             found = await users.list_users(conn)
+            disabled = await users.disabled_names(conn)
         if not found:
             print("no users yet: add one with `vtai user add NAME --password-stdin`")
         for p in found:
-            print(f"{p.username:<24} {p.tier:<10} {'admin' if p.is_admin else ''}".rstrip())
+            marks = (("admin", p.is_admin), ("disabled", p.username in disabled))
+            flags = [mark for mark, on in marks if on]
+            print(f"{p.username:<24} {p.tier:<10} {' '.join(flags)}".rstrip())
         return 0
 
     return await _with_db(settings, work)
@@ -187,10 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     tier.add_argument("name")
     tier.add_argument("tier")
     tier.set_defaults(run=user_tier)
-    pw = user.add_parser("password", help="set an account's password")
+    pw = user.add_parser("password", help="set an account's password (ends its logins)")
     pw.add_argument("name")
     pw.add_argument("--password-stdin", action="store_true")
     pw.set_defaults(run=user_password)
+    for name, run, text in (
+        ("logout", user_logout, "end every login of an account (its cookies stop working)"),
+        ("disable", user_disable, "end every login and refuse new ones until enabled"),
+        ("enable", user_enable, "let a disabled account log in again"),
+    ):
+        action = user.add_parser(name, help=text)
+        action.add_argument("name")
+        action.set_defaults(run=run)
     user.add_parser("list", help="list accounts").set_defaults(run=user_list)
 
     use = sub.add_parser("usage", help="a user's tokens this period, or --verify the counters")

@@ -87,13 +87,20 @@ class Services:
         return cls(settings, db, gate, ledger, runner, callback, LoginThrottle(), store, auth)
 
     async def authenticate(self, username: str, password: str) -> Profile | None:
-        """The profile for a login form's name and password: Supabase Auth or local argon2."""
+        """The profile for a login form's name and password: Supabase Auth or local argon2.
+
+        Behind the database's login throttle (vtai.sessions.throttled): per name and per
+        client address, counted atomically, so parallel guesses queue.
+        """
+        from vtai import sessions
+
+        return await sessions.throttled(self, username, password, self._check_password)
+
+    async def _check_password(self, username: str, password: str) -> Profile | None:
         if self.auth is not None:
             profiles = self.store if self.store is not None else users.PoolProfiles(self.db.pool)
-            return await supabase_login.login(
-                self.auth, profiles, username, password, self.throttle
-            )
-        return await users.authenticate(self.db.pool, username, password, self.throttle)
+            return await supabase_login.login(self.auth, profiles, username, password)
+        return await users.authenticate(self.db.pool, username, password)
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait for every pending ledger write: LiteLLM's queued hooks and the turn's own."""

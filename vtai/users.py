@@ -145,18 +145,48 @@ async def set_tier(conn: asyncpg.Connection, username: str, tier: str) -> Profil
     return _profile(row)
 
 
-async def set_password(conn: asyncpg.Connection, username: str, password: str) -> None:
+async def set_password(conn: asyncpg.Connection, username: str, password: str) -> int:
+    """Set the password and end every login made with the old one; how many were ended."""
     if not password or not password.strip():
         raise UserError("the password is empty")
     profile = await require(conn, username)
     password_hash = await asyncio.to_thread(_hasher.hash, password)
-    await conn.execute(
-        "insert into vtai_private.credentials (profile_id, password_hash) values ($1, $2)"
-        " on conflict (profile_id) do update set password_hash = excluded.password_hash,"
-        " updated_at = now()",
-        profile.id,
-        password_hash,
-    )
+    async with conn.transaction():
+        await conn.execute(
+            "insert into vtai_private.credentials (profile_id, password_hash) values ($1, $2)"
+            " on conflict (profile_id) do update set password_hash = excluded.password_hash,"
+            " updated_at = now()",
+            profile.id,
+            password_hash,
+        )
+        return await conn.fetchval("select public.vtai_sessions_end_all($1)", profile.id)
+
+
+async def end_sessions(conn: asyncpg.Connection, username: str) -> int:
+    """End every login of the user (their cookies are refused from the next request)."""
+    profile = await require(conn, username)
+    return await conn.fetchval("select public.vtai_sessions_end_all($1)", profile.id)
+
+
+async def set_disabled(conn: asyncpg.Connection, username: str, disabled: bool) -> int:
+    """Disable (ending every login, refusing new ones) or enable; logins ended."""
+    async with conn.transaction():
+        user_id = await conn.fetchval(
+            "update public.profiles set disabled_at = case when $2 then"
+            " coalesce(disabled_at, now()) end where username = $1 returning id",
+            username,
+            disabled,
+        )
+        if user_id is None:
+            raise UserError(f"no user named {username!r} (see: vtai user list)")
+        if not disabled:
+            return 0
+        return await conn.fetchval("select public.vtai_sessions_end_all($1)", user_id)
+
+
+async def disabled_names(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch("select username from public.profiles where disabled_at is not null")
+    return {r["username"] for r in rows}
 
 
 async def list_users(conn: asyncpg.Connection) -> list[Profile]:
@@ -173,7 +203,8 @@ async def any_admin(conn: asyncpg.Connection) -> bool:
 class LoginThrottle:
     """Slows repeated failed logins per username: 0 s for the first few, then doubling to 8 s.
 
-    Process-local on purpose: it is a brake on guessing, not an account of money.
+    Process-local, so parallel guesses get past it: only the fallback when the database's
+    vtai_login_attempt() can't be reached (vtai/sessions.py holds the real throttle).
     """
 
     FREE_TRIES = 3
@@ -197,16 +228,25 @@ class LoginThrottle:
         self._failures.pop(username, None)
 
 
+async def burn_hash(password: str) -> None:
+    """The hashing work of a password check, for a login refused before any check."""
+    try:
+        await asyncio.to_thread(_hasher.verify, _DUMMY_HASH, password or "")
+    except (VerificationError, InvalidHashError):
+        pass
+
+
 async def authenticate(
     pool: asyncpg.Pool, username: str, password: str, throttle: LoginThrottle | None = None
 ) -> Profile | None:
+    """The profile if the password is right; a disabled account answers as an unknown name."""
     username = (username or "").strip()
     if throttle is not None:
         await asyncio.sleep(throttle.delay(username))
     row = await pool.fetchrow(
         "select p.id, p.username, p.tier, p.is_admin, c.password_hash"
         " from public.profiles p join vtai_private.credentials c on c.profile_id = p.id"
-        " where p.username = $1",
+        " where p.username = $1 and p.disabled_at is null",
         username,
     )
     stored = row["password_hash"] if row else _DUMMY_HASH
