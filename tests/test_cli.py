@@ -101,3 +101,42 @@ def test_unreachable_database_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("vtai: cannot reach the database at 127.0.0.1")
     assert "s3cret" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_logout_disable_enable_and_password_end_logins(run, db_url):
+    import asyncpg
+
+    assert (await run("user", "add", "lou", "--password-stdin", stdin="pw-123\n"))[0] == 0
+    conn = await asyncpg.connect(db_url)
+    try:
+        user_id = await conn.fetchval("select id from profiles where username = 'lou'")
+
+        async def start() -> None:
+            assert await conn.fetchval("select public.vtai_session_start($1, 3600)", user_id)
+
+        async def live() -> int:
+            return await conn.fetchval(
+                "select count(*) from vtai_private.login_sessions"
+                " where user_id = $1 and revoked_at is null",
+                user_id,
+            )
+
+        await start()
+        await start()
+        code, out, _ = await run("user", "logout", "lou")
+        assert code == 0 and "2 logins ended" in out and await live() == 0
+        await start()
+        code, out, _ = await run("user", "password", "lou", "--password-stdin", stdin="pw-456\n")
+        assert code == 0 and "1 login ended" in out and await live() == 0
+        await start()
+        code, out, _ = await run("user", "disable", "lou")
+        assert code == 0 and "disabled" in out and await live() == 0
+        assert await conn.fetchval("select public.vtai_session_start($1, 3600)", user_id) is None
+        code, out, _ = await run("user", "list")
+        assert "disabled" in out
+        assert (await run("user", "enable", "lou"))[0] == 0
+        await start()
+        code, _, err = await run("user", "logout", "nobody")
+        assert code != 0 and "no user named 'nobody'" in err
+    finally:
+        await conn.close()

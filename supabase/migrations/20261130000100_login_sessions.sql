@@ -165,11 +165,12 @@ declare
   v_window constant interval := interval '15 minutes';
   v_max_wait constant double precision := 10;
   v_now timestamptz := clock_timestamp();
-  v_slot timestamptz := clock_timestamp();
+  v_slot timestamptz;
   v_keys text[] := vtai_login_keys(p_name, p_addr);
   v_key text;
   v_next timestamptz;
 begin
+  v_slot := v_now;
   -- One key at a time, in a fixed order, so two attempts never wait on each other in a cycle.
   -- An expired entry starts again here, as if deleted and made anew.
   foreach v_key in array v_keys loop
