@@ -5,7 +5,9 @@ client and error mapping run against answers we control. The path picks the beha
 LiteLLM's `api_base` at `http://127.0.0.1:PORT/<mode>` with `model="openai/fake"`.
 
 Modes: ok, no-usage, 401, 429, 500, hang, break (the stream stops midway), ctx (context too
-long), 404.
+long), 404, bytes (usage counted by a byte-level tokenizer, as a worst case: every UTF-8 byte
+of the prompt is a token), slow (a long answer, a token every 100 ms, byte usage), and script
+(the last user message picks the mode with a `#mode:NAME` tag).
 """
 
 from __future__ import annotations
@@ -43,10 +45,31 @@ def _error(status: int, message: str, code: str | None = None) -> web.Response:
     return web.json_response(payload, status=status)
 
 
+LONG_ANSWER = " ".join(f"word{i}" for i in range(2000))
+
+
+def byte_tokens(messages: list[dict]) -> int:
+    """This provider's own tokenizer: a token per UTF-8 byte, plus 4 per message and 3."""
+    return sum(len(str(m.get("content") or "").encode()) + 4 for m in messages) + 3
+
+
+def _scripted(body: dict) -> str:
+    for m in reversed(body.get("messages") or []):
+        if m.get("role") == "user":
+            text = str(m.get("content") or "")
+            if "#mode:" in text:
+                return text.split("#mode:", 1)[1].split()[0]
+            return "bytes"
+    return "bytes"
+
+
 async def _completions(request: web.Request) -> web.StreamResponse:
     mode = request.match_info["mode"]
     body = await request.json()
+    if mode == "script":
+        mode = _scripted(body)
     request.app["calls"].append(mode)
+    request.app["bodies"].append(body)
     if mode == "401":
         return _error(401, "Incorrect API key provided: sk-fake***", "invalid_api_key")
     if mode == "429":
@@ -61,11 +84,17 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         )
     if mode == "hang":
         await asyncio.sleep(3600)
-    words = ANSWER.split(" ")[: body.get("max_tokens") or None]
+    answer = LONG_ANSWER if mode in ("slow", "bytes") else ANSWER
+    words = answer.split(" ")[: body.get("max_tokens") or None]
+    prompt = byte_tokens(body.get("messages") or []) if mode in ("slow", "bytes") else 11
     usage = (
         None
         if mode == "no-usage"
-        else {"prompt_tokens": 11, "completion_tokens": len(words), "total_tokens": 11 + len(words)}
+        else {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(words),
+            "total_tokens": prompt + len(words),
+        }
     )
     if not body.get("stream"):
         payload = {
@@ -92,8 +121,10 @@ async def _completions(request: web.Request) -> web.StreamResponse:
             # Drop the connection mid-stream, as a crashing upstream would.
             request.transport.close()
             return response
-        await asyncio.sleep(0.005)
-    await response.write(_chunk(finish="stop"))
+        await asyncio.sleep(0.1 if mode == "slow" else 0.005)
+    await response.write(
+        _chunk(finish="length" if len(words) == body.get("max_tokens") else "stop")
+    )
     if usage and (body.get("stream_options") or {}).get("include_usage"):
         await response.write(_chunk(usage=usage))
     await response.write(b"data: [DONE]\n\n")
@@ -106,9 +137,11 @@ class FakeProvider(BackgroundServer):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[str] = []
+        self.bodies: list[dict] = []
 
     def build_app(self) -> web.Application:
         app = web.Application()
         app["calls"] = self.calls
+        app["bodies"] = self.bodies
         app.router.add_post("/{mode}/chat/completions", _completions)
         return app

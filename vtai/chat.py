@@ -60,13 +60,10 @@ async def shutdown() -> None:
 
 
 async def login(username: str, password: str) -> cl.User | None:
-    profile = await services().authenticate(username, password)
-    if profile is None:
-        return None
-    return cl.User(
-        identifier=profile.username,
-        metadata={"id": str(profile.id), "tier": profile.tier, "is_admin": profile.is_admin},
-    )
+    # Throttled check, then a server-side session whose id rides in the cookie.
+    from vtai import sessions
+
+    return await sessions.login(username, password)
 
 
 def _user_id() -> uuid.UUID:
@@ -83,7 +80,8 @@ async def _quota_line() -> str:
 
 async def start(past: list[dict] | None = None, model: str | None = None) -> None:
     s = services()
-    offered = models.available_models(s.settings.model)
+    offered = s.runner.offered()
+    # A resumed chat whose model is no longer offered continues on the default.
     chosen = offered.index(model) if model in offered else 0
     cl.user_session.set("history", past or [])
     cl.user_session.set("model", offered[chosen])
@@ -104,13 +102,17 @@ async def resume(thread: dict) -> None:
     # The chat's last metered turn says which model it used (indexed by session_id).
     db = services().db
     model = None
+    produced: set[str] = set()
     if db is not None:
         model = await db.pool.fetchval(
-            "select model from public.request_logs where session_id = $1"
+            "select model from public.request_logs where session_id = $1 and end_user = $2"
             " order by created_at desc limit 1",
             thread["id"],
+            _user_id(),
         )
-    await start(history.messages_from_thread(thread), model)
+        # Only answers the server made are fed back to the model, never a forged step.
+        produced = await history.produced_call_ids(db.pool, thread["id"], _user_id())
+    await start(history.messages_from_thread(thread, produced), model)
 
 
 async def end() -> None:
@@ -121,8 +123,18 @@ async def end() -> None:
 
 async def settings_update(values: dict) -> None:
     model = values.get("model")
-    if model:
-        cl.user_session.set("model", model)
+    if model is None:
+        return
+    if model not in services().runner.offered():
+        # Whatever the client sends, only an offered model is ever called (vtai.turn checks
+        # again); the picker keeps the chat's current one.
+        current = cl.user_session.get("model") or services().settings.model
+        log.warning("settings update with a model not offered refused: %r", str(model)[:100])
+        await cl.Message(
+            content=f"That model is not offered here, so this chat stays on {current}."
+        ).send()
+        return
+    cl.user_session.set("model", model)
 
 
 async def show_usage() -> None:
@@ -165,10 +177,10 @@ async def message(message: cl.Message) -> None:
         await cl.Message(content=notice).send()
         if not text.strip():
             return
-    await run_turn(text)
+    await run_turn(text, (message.metadata or {}).get("vtai_oversize"))
 
 
-async def run_turn(text: str) -> None:
+async def run_turn(text: str, oversize: dict | None = None) -> None:
     s = services()
     reply = cl.Message(content="")
     outcome = await s.runner.run(
@@ -179,9 +191,13 @@ async def run_turn(text: str) -> None:
             history=cl.user_session.get("history") or [],
             text=text,
             next_turn=cl.user_session.get("next_turn"),
+            oversize=oversize,
         ),
         on_token=reply.stream_token,
     )
+    # Marks the answer as the server's: a resumed chat feeds the model only these (history).
+    if outcome.call_id:
+        reply.metadata = {"vtai_call_id": outcome.call_id}
     cl.user_session.set("history", outcome.history)
     if outcome.kind == "answered":
         grant, used = outcome.grant, outcome.usage.get("total_tokens", 0)

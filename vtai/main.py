@@ -3,7 +3,7 @@
 import chainlit as cl
 import chainlit.server
 
-from vtai import admin, chat, history, sessions, socket_guard, web_security
+from vtai import admin, chat, feedback_guard, history, sessions, socket_guard, web_security
 from vtai.settings import load_settings
 
 # /admin and /admin/api/*, ahead of Chainlit's catch-all page route.
@@ -13,6 +13,7 @@ _settings = load_settings()
 web_security.install(chainlit.server.app, chainlit.server.sio, _settings)
 sessions.install(chainlit.server.app, chainlit.server.sio, _settings)
 socket_guard.install(chainlit.server.sio, _settings)
+feedback_guard.install(chainlit.server.app)
 
 
 @cl.on_app_startup

@@ -1,10 +1,145 @@
-"""What a chat client may send over socket.io: checked before Chainlit acts on it.
+"""What a chat client may send over socket.io, checked before Chainlit acts on it.
 
-(Being written for issue #15.)
+Chainlit trusts the browser: a `client_message` names its own step type, `edit_message` edits
+any message in the chat (answers included), and a dropped socket leaves its turn running. The
+wrappers here keep Chainlit's handlers and narrow what reaches them:
+
+- a client message is always a user message, and one over VTAI_MAX_MESSAGE_CHARS reaches
+  Chainlit (and so the history tables) only as a placeholder carrying its size and hash;
+- only the user's own messages can be edited, within the same size limit;
+- a turn whose client is gone for VTAI_DISCONNECT_GRACE seconds is cancelled, and so settled
+  as a stop (vtai.turn charges what the provider bills).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 
-def install(sio, settings) -> None:
+from vtai.settings import Settings
+from vtai.turn import oversize
+
+log = logging.getLogger(__name__)
+
+# Metadata keys the server sets on steps; a client's own are dropped.
+SERVER_KEYS = ("vtai_call_id", "vtai_oversize")
+
+
+def _accepts(handler, args: tuple) -> tuple:
+    """`args` cut to what `handler` takes: python-socketio passes a disconnect's reason only to
+    handlers that take it, and Chainlit's don't."""
+    try:
+        params = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return args
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return args
+    return args[: sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)]
+
+
+def _wrap(sio, event: str, make) -> None:
+    handlers = sio.handlers.setdefault("/", {})
+    original = handlers.get(event)
+    if original is None:
+        raise RuntimeError(f"Chainlit has no {event!r} socket handler to guard")
+    handlers[event] = make(original)
+
+
+def placeholder(info: dict, limit: int) -> str:
+    return (
+        f"[A message of {info['chars']:,} characters, over the {limit:,}-character limit: "
+        "not sent, not stored.]"
+    )
+
+
+def user_step(step: dict, limit: int) -> dict:
+    """The step as a user message the client may send: typed by the server, size-checked."""
+    step = dict(step)
+    step["type"] = "user_message"
+    metadata = {k: v for k, v in (step.get("metadata") or {}).items() if k not in SERVER_KEYS}
+    text = step.get("output")
+    if not isinstance(text, str):
+        text = ""
+    if len(text) > limit:
+        info = oversize(text)
+        metadata["vtai_oversize"] = info
+        text = placeholder(info, limit)
+    step["output"] = text
+    step["metadata"] = metadata
+    return step
+
+
+def _session(sid: str):
+    from chainlit.session import WebsocketSession
+
+    return WebsocketSession.get(sid)
+
+
+def _own_message(session, message_id: str) -> bool:
+    from chainlit.chat_context import chat_contexts
+
+    for message in chat_contexts.get(session.id, []):
+        if message.id == message_id:
+            return message.type == "user_message"
+    return False
+
+
+def install(sio, settings: Settings) -> None:
     """Called once from vtai/main.py with Chainlit's socket.io server."""
+    limit = settings.max_message_chars
+    grace = settings.disconnect_grace
+
+    def client_message(original):
+        async def handler(sid, payload, *rest):
+            if not isinstance(payload, dict) or not isinstance(payload.get("message"), dict):
+                log.warning("client_message without a message refused (sid %s)", sid)
+                return None
+            payload = {**payload, "message": user_step(payload["message"], limit)}
+            payload["fileReferences"] = []  # attachments are off (docs/security.md)
+            return await original(sid, payload, *rest)
+
+        return handler
+
+    def edit_message(original):
+        async def handler(sid, payload, *rest):
+            message = payload.get("message") if isinstance(payload, dict) else None
+            session = _session(sid)
+            if not isinstance(message, dict) or session is None:
+                return None
+            if not _own_message(session, str(message.get("id"))):
+                log.warning("edit of a message that is not the user's own refused (sid %s)", sid)
+                return None
+            text = message.get("output")
+            if not isinstance(text, str) or len(text) > limit:
+                log.warning("edit over the message size limit refused (sid %s)", sid)
+                return None
+            return await original(sid, payload, *rest)
+
+        return handler
+
+    def disconnect(original):
+        async def handler(sid, *rest):
+            session = _session(sid)
+            task = getattr(session, "current_task", None) if session else None
+            try:
+                return await original(*_accepts(original, (sid, *rest)))
+            finally:
+                if task is not None and not task.done():
+                    asyncio.ensure_future(_cancel_if_gone(session, sid, task, grace))
+
+        return handler
+
+    _wrap(sio, "client_message", client_message)
+    _wrap(sio, "edit_message", edit_message)
+    _wrap(sio, "disconnect", disconnect)
+
+
+async def _cancel_if_gone(session, sid: str, task: asyncio.Task, grace: float) -> None:
+    """A brief network blip keeps the answer; a client gone for good stops paying for one."""
+    if grace:
+        await asyncio.sleep(grace)
+    # A reconnect gives the same session a new socket id (Chainlit restores it).
+    if session.socket_id == sid and not task.done():
+        log.info("client of session %s gone for %ss: its turn is stopped", session.id, grace)
+        task.cancel()

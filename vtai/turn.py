@@ -8,6 +8,7 @@ model, and failed or stopped streams, which are charged for the tokens that were
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import uuid
@@ -44,6 +45,9 @@ class TurnRequest:
     text: str
     # The chat's reservation taken ahead (vtai.next_turn); None reserves when the turn starts.
     next_turn: NextTurn | None = None
+    # A message refused for its size before it was stored: {"chars": n, "sha256": hex}; `text`
+    # is then only a placeholder (vtai.socket_guard).
+    oversize: dict | None = None
 
 
 @dataclass
@@ -60,7 +64,28 @@ class TurnOutcome:
 
 
 def count_prompt(model: str, messages: list[dict]) -> int:
+    """The prompt's size against the model's context window: exact where the model's tokenizer
+    runs here (the local model), else LiteLLM's count with a margin."""
+    if tokens.is_exact(model):
+        return tokens.count_messages(model, messages)
     return math.ceil(tokens.count_messages(model, messages) * PROMPT_MARGIN) + 8
+
+
+def reserve_prompt(model: str, messages: list[dict], counted: int | None = None) -> int:
+    """Prompt tokens to reserve: exact where the count is exact, else an upper bound that no
+    tokenizer's count can pass (docs/metering.md, "The bound"), so no answer crosses a limit.
+    `counted`: count_prompt's figure for the same messages, if the caller has it."""
+    if tokens.is_exact(model):
+        return counted if counted is not None else tokens.count_messages(model, messages)
+    if counted is None:
+        counted = count_prompt(model, messages)
+    return max(tokens.upper_bound(model, messages), counted)
+
+
+def charged_prompt(model: str, messages: list[dict]) -> int:
+    """The prompt's tokens when the provider's usage never arrived: the model's own count
+    where it is exact, else the best estimate (LiteLLM's tokenizer, tiktoken for OpenAI)."""
+    return tokens.count_messages(model, messages)
 
 
 def fit_context(
@@ -181,9 +206,12 @@ class TurnRunner:
             return
 
         def size() -> tuple[int, int]:
-            so_far = counted if counted is not None else count_prompt(model, history)
-            prompt = so_far + NEW_MESSAGE
-            return prompt, min(self.settings.max_tokens, models.context_window(model) - prompt)
+            so_far = counted if counted is not None else reserve_prompt(model, history)
+            # A bound counts bytes, about four to a token of English.
+            prompt = so_far + (NEW_MESSAGE if tokens.is_exact(model) else 4 * NEW_MESSAGE)
+            window = models.context_window(model)
+            room = window - count_prompt(model, history) - NEW_MESSAGE
+            return prompt, min(self.settings.max_tokens, room)
 
         holder.prepare(user_id, size)
 
@@ -228,9 +256,47 @@ class TurnRunner:
             **extra,
         }
 
+    def offered(self) -> list[str]:
+        """The models this server runs for a user: the chat's picker list, checked per turn."""
+        return models.available_models(self.settings.model)
+
+    def _refuse(
+        self, req: TurnRequest, call_id: str, notice: str, grant: Grant | None, **details
+    ) -> TurnOutcome:
+        """A turn that never reaches a model: one line for the user and a row, charged 0."""
+        messages = [] if req.oversize else [{"role": "user", "content": req.text}]
+        self._later(self._row(req, call_id, "refused", grant, messages, details=details))
+        return TurnOutcome(
+            "refused", notice=notice, grant=grant, call_id=call_id, history=req.history
+        )
+
     async def run(
         self, req: TurnRequest, on_token: Callable[[str], Awaitable[None]]
     ) -> TurnOutcome:
+        call_id = str(uuid.uuid4())
+        limit = self.settings.max_message_chars
+        if req.oversize is None and len(req.text or "") > limit:
+            req.oversize = oversize(req.text)
+        if req.oversize is not None:
+            chars = req.oversize["chars"]
+            return self._refuse(
+                req,
+                call_id,
+                f"Your message is {chars:,} characters long, over the {limit:,}-character "
+                "limit: shorten it or split it up. It was not sent or stored.",
+                None,
+                reason="message_too_long",
+                **req.oversize,
+            )
+        if req.model not in self.offered():
+            # Nothing leaves the server for a model nobody offered this user.
+            return self._refuse(
+                req,
+                call_id,
+                f"The model {req.model!r} is not offered here: pick one from the chat settings.",
+                None,
+                reason="model_not_offered",
+            )
         text = sanitize(req.text or "").strip()
         if not text:
             return TurnOutcome(
@@ -238,31 +304,21 @@ class TurnRunner:
             )
         message = {"role": "user", "content": text}
         window = models.context_window(req.model)
-        call_id = str(uuid.uuid4())
-        # A message this long can't fit any tokenizer's window; skip counting a megabyte.
-        if len(text) > window * 8:
-            messages, prompt_tokens, dropped = [], window * 2, len(req.history)
-        else:
-            messages, prompt_tokens, dropped = fit_context(req.model, req.history, message, window)
+        messages, prompt_tokens, dropped = fit_context(req.model, req.history, message, window)
         if not messages:
-            notice = (
+            return self._refuse(
+                req,
+                call_id,
                 f"Your message is too long for {req.model} (about {prompt_tokens:,} tokens; "
-                f"it takes {window:,} including the answer): shorten it or split it up."
+                f"it takes {window:,} including the answer): shorten it or split it up.",
+                None,
+                reason="context_exceeded",
+                prompt_tokens_estimate=prompt_tokens,
             )
-            self._later(
-                self._row(
-                    req,
-                    call_id,
-                    "refused",
-                    None,
-                    [message],
-                    details={"reason": "context_exceeded", "prompt_tokens_estimate": prompt_tokens},
-                )
-            )
-            return TurnOutcome("refused", notice=notice, call_id=call_id, history=req.history)
 
         budget = min(self.settings.max_tokens, window - prompt_tokens)
-        grant = await self._reserve(req, prompt_tokens, budget)
+        reserved_prompt = reserve_prompt(req.model, messages, prompt_tokens)
+        grant = await self._reserve(req, reserved_prompt, budget)
         if not grant.granted:
             self._later(
                 self._row(
@@ -297,8 +353,10 @@ class TurnRunner:
         usage: dict = {}
         finish = None
         stream = None
+        sent = False
         complete = False
         try:
+            sent = True  # from here on the provider may have the prompt, and bills it
             stream = await litellm.acompletion(
                 model=req.model,
                 messages=messages,
@@ -336,11 +394,12 @@ class TurnRunner:
             complete = True
             self._in_background(self._finish_stream(stream, call_id))
         except asyncio.CancelledError:
-            # The user pressed stop: charge what was produced, then let the cancel through.
-            self._record_partial(req, call_id, grant, messages, parts, None)
+            # A stop or a client gone for good: charge what the provider bills, then let the
+            # cancel through.
+            self._record_partial(req, call_id, grant, messages, parts, usage, None, sent)
             raise
         except Exception as exc:
-            self._record_partial(req, call_id, grant, messages, parts, exc)
+            self._record_partial(req, call_id, grant, messages, parts, usage, exc, sent)
             self.reserve_ahead(req.next_turn, req.user_id, req.model, req.history)
             return TurnOutcome(
                 "failed",
@@ -358,12 +417,7 @@ class TurnRunner:
                 await asyncio.shield(_close(stream))
         reply = "".join(parts)
         history = [*messages, {"role": "assistant", "content": reply}]
-        # This prompt's count plus the answer's: no need to count the whole chat again.
-        answer = usage.get("completion_tokens")
-        counted = None
-        if answer is not None:
-            counted = prompt_tokens + math.ceil((answer + 4) * PROMPT_MARGIN)
-        self.reserve_ahead(req.next_turn, req.user_id, req.model, history, counted)
+        self.reserve_ahead(req.next_turn, req.user_id, req.model, history)
         if finish == "length":
             cut = (
                 "your quota is nearly used up"
@@ -421,11 +475,26 @@ class TurnRunner:
         grant: Grant,
         messages: list[dict],
         parts: list[str],
+        usage: dict,
         exc: Exception | None,
+        sent: bool,
     ) -> None:
+        """The row of a stopped, abandoned or failed stream, charged what the provider bills:
+        its usage if the stream delivered it, else the prompt (once sent, it is billed even if
+        no token came) plus the tokens that streamed, counted by the model's tokenizer where it
+        runs here (exact) and estimated otherwise."""
         self.notes.claimed.add(call_id)
         produced = "".join(parts)
-        prompt, completion = estimate_tokens(req.model, messages, produced) if produced else (0, 0)
+        if usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
+            prompt, completion, estimated = (
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+                False,
+            )
+        else:
+            prompt = charged_prompt(req.model, messages) if sent else 0
+            completion = tokens.count_text(req.model, produced) if produced else 0
+            estimated = not tokens.is_exact(req.model)
         error = None
         if exc is not None:
             error = {
@@ -443,12 +512,22 @@ class TurnRunner:
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 total_tokens=prompt + completion,
+                total_cost=tokens.cost(req.model, prompt, completion),
                 response=content_for_log(produced, self.settings.log_content) if produced else None,
                 error=error,
                 details={
-                    "estimated": bool(produced),
+                    "estimated": estimated,
                     "aborted": exc is None,
+                    "streamed_tokens": completion,
                     "reservation_id": str(grant.reservation_id) if grant.reservation_id else None,
                 },
             )
         )
+
+
+def oversize(text: str) -> dict:
+    """What a refused message's row keeps of it: its size and a hash, never the text."""
+    return {
+        "chars": len(text),
+        "sha256": hashlib.sha256(text.encode("utf-8", "replace")).hexdigest(),
+    }
