@@ -94,6 +94,14 @@ def test_first_start_creates_cluster(data_dir):
         password_file = data_dir / "pg-password"
         assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
         assert password_file.read_text().strip() == pg.password
+        # The app's role has a password of its own, as private, and another URL.
+        app_password_file = data_dir / "pg-app-password"
+        assert stat.S_IMODE(app_password_file.stat().st_mode) == 0o600
+        assert app_password_file.read_text().strip() == pg.app_password != pg.password
+        assert pg.admin_url == pg.url
+        assert pg.app_url == (f"postgresql://vtai_app:{pg.app_password}@127.0.0.1:{pg.port}/vtai")
+        assert stat.S_IMODE(data_dir.stat().st_mode) & 0o077 in (0, 0o001)  # o+x at most
+        assert (data_dir / ".gitignore").read_text().splitlines()[-1] == "*"
         if os.geteuid() == 0:
             # The server runs as a normal user; only root can read the password.
             assert password_file.stat().st_uid == 0

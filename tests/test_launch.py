@@ -112,3 +112,35 @@ def test_auth_secret_is_generated_once(tmp_path, monkeypatch):
     assert len(first) >= 32 and ensure_auth_secret(tmp_path) == first
     monkeypatch.setenv("CHAINLIT_AUTH_SECRET", "from-env")
     assert ensure_auth_secret(tmp_path) == "from-env"
+
+
+def test_data_dir_inside_repo_is_ignored_by_git(tmp_path, monkeypatch):
+    from vtai import embedded_pg
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    monkeypatch.delenv("CHAINLIT_AUTH_SECRET", raising=False)
+    # The two ways a data dir comes to be: the launcher's secret, and the embedded server.
+    ensure_auth_secret(repo / "data")
+    pg = embedded_pg.start(repo / "pgdata")
+    try:
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    finally:
+        pg.stop()
+    assert (repo / "data" / "auth-secret").exists() and (repo / "pgdata" / "pg-password").exists()
+    assert status == ""
+    # `git add -A` (or a forced look) still finds nothing to commit.
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    staged = subprocess.run(
+        ["git", "-C", str(repo), "diff", "--cached", "--name-only"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert staged == ""

@@ -95,12 +95,19 @@ def gate_server_settings(reserve_commit: str) -> dict | None:
 
 
 class Database:
-    """Owns the URL (starting the embedded server when none is set), the schema and the pool."""
+    """Owns the URL (starting the embedded server when none is set), the schema and the pool.
+
+    Two URLs: ``admin_url`` runs the migrations and ``url`` is what the pools (and the chat
+    history's data layer) connect with. With a configured database URL both are that URL, as
+    the operator gave it. On the embedded server ``admin_url`` is the superuser and ``url``
+    the app's own role, which is no superuser (vtai.embedded_pg.prepare_app_role).
+    """
 
     def __init__(self, settings: Settings, pool_size: int = 10):
         self.settings = settings
         self.pool_size = pool_size
         self.url: str | None = settings.database_url
+        self.admin_url: str | None = settings.database_url
         self.pool: asyncpg.Pool | None = None
         # The gate's own connections: a reserve never queues behind ledger writes for one,
         # and VTAI_RESERVE_COMMIT=fast can turn off its commit's wait for the disk.
@@ -115,16 +122,15 @@ class Database:
                 self._embedded = await asyncio.to_thread(embedded_pg.start, self.settings.data_dir)
             except embedded_pg.EmbeddedPostgresError as exc:
                 raise DatabaseError(str(exc)) from None
-            self.url = self._embedded.url
-        if migrate:
-            conn = await connect(self.url)
+            self.admin_url = self._embedded.admin_url
+            self.url = self._embedded.app_url
+        if migrate or self._embedded is not None:
+            conn = await connect(self.admin_url)
             try:
-                applied = await migrations.apply_pending(conn)
-                for m in applied:
-                    log.info("applied migration %s_%s", m.version, m.name)
-                await sync_tiers(conn, self.settings.tier_limits)
-            except asyncpg.PostgresError as exc:
-                raise DatabaseError(f"migration failed: {type(exc).__name__}: {exc}") from None
+                if migrate:
+                    await self._migrate(conn)
+                if self._embedded is not None:
+                    await self._prepare_app_role(conn)
             finally:
                 await conn.close()
         try:
@@ -136,6 +142,27 @@ class Database:
             await self.close()
             raise DatabaseError(describe_connect_error(self.url, exc)) from None
         return self
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        try:
+            applied = await migrations.apply_pending(conn)
+            for m in applied:
+                log.info("applied migration %s_%s", m.version, m.name)
+            await sync_tiers(conn, self.settings.tier_limits)
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(f"migration failed: {type(exc).__name__}: {exc}") from None
+
+    async def _prepare_app_role(self, conn: asyncpg.Connection) -> None:
+        from vtai import embedded_pg
+
+        # After the migrations, so that tables they added are granted too.
+        try:
+            await embedded_pg.prepare_app_role(conn, self._embedded.app_password)
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(
+                f"could not prepare the database role {embedded_pg.APP_ROLE!r} for the app: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
 
     async def _pool(self, size: int, server_settings: dict | None = None) -> asyncpg.Pool:
         return await asyncpg.create_pool(

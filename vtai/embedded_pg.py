@@ -9,19 +9,31 @@ Layout under ``data_dir``::
     pg/               the cluster (owned by the server user)
     pg/log/server.log server log
     pg-password       superuser password, mode 0600, generated once
+    pg-app-password   password of the app's role (vtai_app), mode 0600, generated once
     pg.lock           flock() so that concurrent starts and stops take turns
+    .gitignore        "*": a data dir inside a git checkout is never committed
+
+Two roles: ``postgres``, the superuser that owns everything and runs the migrations, and
+``vtai_app``, the role the app's connections use. ``vtai_app`` is not a superuser, may not
+create roles or databases, owns nothing, and holds only the privileges the app needs, which
+:func:`prepare_app_role` grants after each migration run; it bypasses row-level security, as
+the table owner (``postgres`` on Supabase) does.
 
 Usage::
 
     pg = start(data_dir)   # starts the server, or attaches to one already running
-    pg.url                 # postgresql://postgres:...@127.0.0.1:PORT/vtai
+    pg.app_url             # postgresql://vtai_app:...@127.0.0.1:PORT/vtai: the app's pools
+    pg.admin_url           # postgresql://postgres:...@127.0.0.1:PORT/vtai: migrations, tools
     pg.stop()              # stops it only if this process started it (pg.owned)
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import importlib.util
 import logging
 import os
@@ -40,10 +52,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from vtai import datadir
+
 log = logging.getLogger(__name__)
 
 DATABASE = "vtai"
 SUPERUSER = "postgres"
+# The app's login role: what the app's connections use (see prepare_app_role).
+APP_ROLE = "vtai_app"
+# Role attributes of APP_ROLE, applied on every start so a changed role is put back.
+APP_ROLE_ATTRIBUTES = "login nosuperuser nocreatedb nocreaterole noreplication noinherit bypassrls"
+# Schemas whose tables, sequences and functions the app uses (those that exist are granted).
+APP_SCHEMAS = ("public", "vtai_private")
+# The migrations' advisory lock: role changes wait for a migration under way, and two starts
+# never ALTER or GRANT at once ("tuple concurrently updated").
+_ROLE_LOCK_KEY = 0x76746169
+_SCRAM_ITERATIONS = 4096
 PG_MAJOR = 18
 SERVER_OS_USER = "postgres"
 
@@ -114,17 +138,33 @@ class EmbeddedPostgres:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.pgdata = self.data_dir / "pg"
         self.password_file = self.data_dir / "pg-password"
+        self.app_password_file = self.data_dir / "pg-app-password"
         self.lock_file = self.data_dir / "pg.lock"
         self.log_file = self.pgdata / "log" / "server.log"
         self.password = ""
+        self.app_password = ""
         self.port = 0
         self.pid = 0
         self.owned = False
 
     @property
-    def url(self) -> str:
+    def admin_url(self) -> str:
+        """The superuser's URL: migrations, maintenance, tests that create databases."""
         password = quote(self.password, safe="")
         return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    @property
+    def url(self) -> str:
+        """The superuser's URL, as :attr:`admin_url` (kept for tools and tests that used it).
+
+        The app never connects with it: its pools use :attr:`app_url`."""
+        return self.admin_url
+
+    @property
+    def app_url(self) -> str:
+        """The app role's URL; the role exists once :func:`prepare_app_role` has run."""
+        password = quote(self.app_password, safe="")
+        return f"postgresql://{APP_ROLE}:{password}@127.0.0.1:{self.port}/{DATABASE}"
 
     def __repr__(self) -> str:
         return (
@@ -177,7 +217,7 @@ class EmbeddedPostgres:
         # The last port is reused when free, so a psql or a URL noted earlier keeps working.
         preferred_port = preferred_port or _last_port(self.pgdata)
         with _os_errors(f"start PostgreSQL in {self.data_dir}"):
-            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            datadir.ensure(self.data_dir)
             self._start_locked(preferred_port, deadline)
 
     def _start_locked(self, preferred_port: int | None, deadline: float) -> None:
@@ -190,6 +230,9 @@ class EmbeddedPostgres:
                     _grant_search(needed, run_as)
             cluster_exists = (self.pgdata / "PG_VERSION").exists()
             self.password = _load_password(self.password_file, create=not cluster_exists)
+            # Independent of the cluster: a data dir from before the app role gets one now,
+            # and a lost file is replaced (prepare_app_role then sets the new password).
+            self.app_password = _load_password(self.app_password_file, create=True)
 
             info = _read_pidfile(self.pgdata)
             if info is not None and _postmaster_alive(info.pid, self.pgdata):
@@ -442,6 +485,101 @@ def start(data_dir: Path, *, port: int | None = None, timeout: float = 60.0) -> 
 def stop_server(data_dir: Path, *, timeout: float = 60.0) -> None:
     """Stop whatever server runs on ``data_dir``, whoever started it. No-op if none runs."""
     EmbeddedPostgres(data_dir).stop(force=True, timeout=timeout)
+
+
+async def prepare_app_role(conn, password: str, role: str = APP_ROLE) -> None:
+    """Create or repair the app's login role and grant it what the app uses, nothing more.
+
+    ``conn`` is an asyncpg connection as the superuser, after the migrations have run. Every
+    start runs this, so the role of a data dir from before it existed is created, tables that
+    a new migration added are granted, and a role someone widened is narrowed again. What the
+    role gets is what ``postgres`` has on hosted Supabase for VT.ai's objects, minus owning
+    them: use of the schemas, DML on their tables and sequences, execute on their functions,
+    and BYPASSRLS (the app reads every user's rows, as the owner does). It can't create,
+    alter or drop anything, nor read files or run programs on the server.
+    """
+    ident = _quote_ident(role)
+    await conn.execute("select pg_advisory_lock($1)", _ROLE_LOCK_KEY)
+    try:
+        row = await conn.fetchrow(
+            "select rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolinherit,"
+            " rolbypassrls, rolcanlogin, rolpassword from pg_authid where rolname = $1",
+            role,
+        )
+        if row is None:
+            await conn.execute(
+                f"create role {ident} {APP_ROLE_ATTRIBUTES}"
+                f" password {_quote_literal(scram_verifier(password))}"
+            )
+        else:
+            wanted = (False, False, False, False, False, True, True)
+            if tuple(row.values())[:7] != wanted:
+                await conn.execute(f"alter role {ident} {APP_ROLE_ATTRIBUTES}")
+            if not scram_matches(row["rolpassword"], password):
+                await conn.execute(
+                    f"alter role {ident} password {_quote_literal(scram_verifier(password))}"
+                )
+        schemas = [
+            r["nspname"]
+            for r in await conn.fetch(
+                "select nspname from pg_namespace where nspname = any($1::text[])",
+                list(APP_SCHEMAS),
+            )
+        ]
+        database = await conn.fetchval("select current_database()")
+        statements = [f"grant connect, temporary on database {_quote_ident(database)} to {ident}"]
+        if schemas:
+            names = ", ".join(_quote_ident(s) for s in schemas)
+            statements += [
+                f"grant usage on schema {names} to {ident}",
+                f"grant select, insert, update, delete on all tables in schema {names} to {ident}",
+                f"grant usage, select, update on all sequences in schema {names} to {ident}",
+                f"grant execute on all functions in schema {names} to {ident}",
+            ]
+        await conn.execute(";\n".join(statements))
+    finally:
+        await conn.execute("select pg_advisory_unlock($1)", _ROLE_LOCK_KEY)
+
+
+def scram_verifier(
+    password: str, salt: bytes | None = None, iterations: int = _SCRAM_ITERATIONS
+) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5803 format).
+
+    Sent instead of the password itself, so the password never appears in a statement that
+    the server might log."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def scram_matches(verifier: str | None, password: str) -> bool:
+    """Whether a stored SCRAM-SHA-256 verifier is the one for ``password``."""
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", verifier or "")
+    if not match:
+        return False
+    try:
+        salt = base64.b64decode(match.group(2), validate=True)
+    except ValueError:
+        return False
+    expected = scram_verifier(password, salt, int(match.group(1)))
+    return hmac.compare_digest(expected, verifier)
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(text: str) -> str:
+    # standard_conforming_strings is on (the default since PostgreSQL 9.1).
+    return "'" + text.replace("'", "''") + "'"
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vtai import users
+from vtai import datadir, users
 from vtai.db import Database, DatabaseError
 from vtai.settings import Settings, SettingsError, load_settings
 
@@ -23,12 +23,12 @@ APP = Path(__file__).resolve().parent / "main.py"
 
 def ensure_auth_secret(data_dir: Path) -> str:
     """CHAINLIT_AUTH_SECRET from the environment, else one generated once into the data dir."""
+    datadir.ensure(data_dir)
     if os.environ.get("CHAINLIT_AUTH_SECRET"):
         return os.environ["CHAINLIT_AUTH_SECRET"]
     path = data_dir / "auth-secret"
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
