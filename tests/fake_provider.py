@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 from aiohttp import web
@@ -70,6 +71,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         mode = _scripted(body)
     request.app["calls"].append(mode)
     request.app["bodies"].append(body)
+    with request.app["arrived"]:
+        request.app["arrived"].notify_all()
     if mode == "401":
         return _error(401, "Incorrect API key provided: sk-fake***", "invalid_api_key")
     if mode == "429":
@@ -138,10 +141,22 @@ class FakeProvider(BackgroundServer):
         super().__init__()
         self.calls: list[str] = []
         self.bodies: list[dict] = []
+        self.arrived = threading.Condition()
 
     def build_app(self) -> web.Application:
         app = web.Application()
         app["calls"] = self.calls
         app["bodies"] = self.bodies
+        app["arrived"] = self.arrived
         app.router.add_post("/{mode}/chat/completions", _completions)
         return app
+
+    async def wait_calls(self, count: int, timeout: float = 30.0) -> None:
+        """Until `count` requests have arrived (the server runs in its own thread)."""
+
+        def wait() -> bool:
+            with self.arrived:
+                return self.arrived.wait_for(lambda: len(self.calls) >= count, timeout)
+
+        if not await asyncio.to_thread(wait):
+            raise TimeoutError(f"{len(self.calls)} of {count} requests arrived in {timeout}s")

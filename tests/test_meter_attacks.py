@@ -146,19 +146,13 @@ async def app(pg_server, template_db, tmp_path_factory, provider, listener):
     await drop_database(pg_server, url)
 
 
-async def _wait_calls(provider: FakeProvider, count: int, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while len(provider.calls) < count:
-            await asyncio.sleep(0.02)
-
-
 async def test_stop_before_first_token_is_charged_the_prompt(app, provider):
     user = await app.user()
     text = "Please summarise this. " * 300 + "#mode:hang"
     async with await app.chat(user) as client:
         before = len(provider.calls)
         mark = await client.send_raw(text)
-        await _wait_calls(provider, before + 1)  # the prompt has reached the provider
+        await provider.wait_calls(before + 1)  # the prompt has reached the provider
         await client.stop()
         await client.collect(mark)
     (row,) = await app.rows(user, 1)
