@@ -24,7 +24,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 
-from vtai import balances
+from vtai import balances, web_security
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ STATUSES = ("success", "failure", "refused")
 NIL_USER = uuid.UUID(int=0)
 PAGE_SIZE = 50
 CSV_BATCH = 1000
+# Dates and cursors the log browser accepts; anything outside is a 400, not a database error.
+FIRST_YEAR, LAST_YEAR = 2000, 2100
+MAX_ROW_ID = 2**63 - 1
 CSV_COLUMNS = (
     "id",
     "created_at",
@@ -296,11 +299,17 @@ def encode_cursor(created_at: datetime, row_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """The (created_at, id) a cursor names; ValueError for anything encode_cursor never makes."""
     at, _, row_id = cursor.rpartition("_")
     parsed = datetime.fromisoformat(at)
     if parsed.tzinfo is None:
         raise ValueError("cursor has no time zone")
-    return parsed, int(row_id)
+    if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+        raise ValueError("cursor is out of range")
+    key = int(row_id)
+    if not 0 < key <= MAX_ROW_ID:
+        raise ValueError("cursor is out of range")
+    return parsed, key
 
 
 async def log_page(
@@ -389,9 +398,12 @@ def _date(value: str | None, name: str) -> date | None:
     if not value:
         return None
     try:
-        return date.fromisoformat(value)
+        parsed = date.fromisoformat(value)
     except ValueError:
         raise HTTPException(400, f"{name}: expected a date like 2026-11-22") from None
+    if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+        raise HTTPException(400, f"{name}: a date from {FIRST_YEAR} to {LAST_YEAR}")
+    return parsed
 
 
 def _filter(request: Request) -> LogFilter:
@@ -404,13 +416,31 @@ def _filter(request: Request) -> LogFilter:
     status = q.get("status") or None
     if status and status not in STATUSES:
         raise HTTPException(400, f"status: one of {', '.join(STATUSES)}")
-    return LogFilter(
-        user_id,
-        q.get("model") or None,
-        status,
-        _date(q.get("from"), "from"),
-        _date(q.get("to"), "to"),
-    )
+    start, end = _date(q.get("from"), "from"), _date(q.get("to"), "to")
+    if start and end and start > end:
+        raise HTTPException(400, "from: on or before to")
+    return LogFilter(user_id, q.get("model") or None, status, start, end)
+
+
+def _cursor(request: Request) -> str | None:
+    cursor = request.query_params.get("cursor") or None
+    if cursor:
+        try:
+            decode_cursor(cursor)
+        except ValueError:
+            raise HTTPException(400, "cursor: pass back a next_cursor unchanged") from None
+    return cursor
+
+
+def same_origin(request: Request) -> None:
+    """403 for a state-changing request from a page on another origin (web_security's rule).
+
+    The cookie is SameSite=lax, so a page on another port of the same host still sends it.
+    """
+    if request.method in web_security.SAFE_METHODS:
+        return
+    if not web_security.request_origin_allowed(request.headers):
+        raise HTTPException(403, "cross-origin request refused")
 
 
 def _services_pool() -> asyncpg.Pool:
@@ -433,7 +463,8 @@ def build_router(
     get_pool: Callable[[], asyncpg.Pool] = _services_pool,
     get_period: Callable[[], str] = _services_period,
 ) -> APIRouter:
-    router = APIRouter()
+    # Every route: a GET passes, anything that changes state must come from our own origin.
+    router = APIRouter(dependencies=[Depends(same_origin)])
 
     async def require_admin(request: Request) -> asyncpg.Record:
         try:
@@ -442,12 +473,6 @@ def build_router(
             raise HTTPException(401, "sign in first") from None
 
     Admin = Annotated[asyncpg.Record, Depends(require_admin)]
-
-    def same_origin(request: Request) -> None:
-        # The cookie is SameSite=lax; this also stops a same-site page on another port.
-        origin = request.headers.get("origin")
-        if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
-            raise HTTPException(403, "cross-origin request refused")
 
     @router.get("/admin", include_in_schema=False)
     @router.get("/admin/", include_in_schema=False)
@@ -479,7 +504,7 @@ def build_router(
         table["models"] = await models(get_pool())
         return table
 
-    @router.post("/admin/api/users/{user_id}/tier", dependencies=[Depends(same_origin)])
+    @router.post("/admin/api/users/{user_id}/tier")
     async def api_set_tier(user_id: uuid.UUID, request: Request, admin: Admin):
         try:
             body = await request.json()
@@ -500,12 +525,12 @@ def build_router(
     @router.get("/admin/api/logs")
     async def api_logs(request: Request, admin: Admin):
         f = _filter(request)
-        cursor = request.query_params.get("cursor") or None
+        cursor = _cursor(request)
         try:
             limit = min(max(int(request.query_params.get("limit") or PAGE_SIZE), 1), 500)
-            return await log_page(get_pool(), f, cursor, limit)
         except ValueError:
-            raise HTTPException(400, "bad cursor or limit") from None
+            raise HTTPException(400, "limit: a number from 1 to 500") from None
+        return await log_page(get_pool(), f, cursor, limit)
 
     @router.get("/admin/api/logs.csv")
     async def api_logs_csv(request: Request, admin: Admin):
@@ -525,7 +550,7 @@ def build_router(
     async def api_balances(admin: Admin):
         return await balances.read(get_pool())
 
-    @router.post("/admin/api/balances/sync", dependencies=[Depends(same_origin)])
+    @router.post("/admin/api/balances/sync")
     async def api_balances_sync(admin: Admin):
         return await balances.sync(get_pool())
 
