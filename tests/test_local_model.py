@@ -1,14 +1,17 @@
 """The offline model through LiteLLM, on the real SmolLM2 weights (no mocks)."""
 
 import asyncio
+import threading
 import time
+import uuid
 
 import httpx
 import litellm
 import pytest
 from litellm.integrations.custom_logger import CustomLogger
 
-from vtai import local_model
+from tests.test_tokens import ADVERSARIAL
+from vtai import local_model, tokens
 from vtai.local_model import CONTEXT_WINDOW, LOCAL_MODEL
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -270,3 +273,123 @@ def test_sync_completion_and_streaming():
         )
     )
     assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
+
+
+async def usage_and_stats(messages, user=None, max_tokens=1):
+    """The model's reported usage, and what llama.cpp said about the prompt's cache."""
+    call_id = str(uuid.uuid4())
+    extra = {"metadata": {"vtai": {"user_id": user}}} if user else {}
+    response = await asyncio.wait_for(
+        litellm.acompletion(
+            model=LOCAL_MODEL,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,
+            litellm_call_id=call_id,
+            **extra,
+        ),
+        DEADLINE,
+    )
+    return response, local_model.prompt_stats(call_id)
+
+
+async def test_exact_count_equals_reported_prompt_tokens():
+    # Every adversarial text, in two calls: one chat with them in every role, one without a
+    # system message (the template adds its own) of special-token look-alikes.
+    texts = [t for name, t in ADVERSARIAL.items() if name not in ("specials", "cyrillic")]
+    conversations = [
+        [
+            {"role": "system", "content": ADVERSARIAL["cyrillic"]},
+            *(
+                {"role": "user" if i % 2 == 0 else "assistant", "content": text}
+                for i, text in enumerate(texts)
+            ),
+        ],
+        [{"role": "user", "content": ADVERSARIAL["specials"] + ADVERSARIAL["code"]}],
+    ]
+    assert conversations[0][-1]["role"] == "user"
+    for messages in conversations:
+        counted = tokens.count_messages(LOCAL_MODEL, messages)
+        response, _ = await usage_and_stats(messages)
+        assert counted == response.usage.prompt_tokens
+        assert tokens.upper_bound(LOCAL_MODEL, messages) == counted
+        # What the bound promises for other providers holds on this tokenizer too.
+        assert tokens.upper_bound("gpt-4o-mini", messages) >= counted
+        # ...and LiteLLM's count would have read low: the bug this fixes.
+        assert litellm.token_counter(model=LOCAL_MODEL, messages=messages) < counted
+
+
+def new_text(tag: str) -> str:
+    """~100 tokens no earlier request has sent."""
+    return f"{tag} {uuid.uuid4()}: " + " ".join(f"row {i} holds {i * 37 % 1000}" for i in range(8))
+
+
+async def test_prompt_cache_not_shared_across_users():
+    user_a, user_b, user_c = (f"user-{uuid.uuid4()}" for _ in range(3))
+    messages = [{"role": "user", "content": new_text("secret")}]
+    first, stats_a = await usage_and_stats(messages, user=user_a)
+    # B sends exactly what A just sent: another slot, and no reuse of anything.
+    same, stats_b = await usage_and_stats(messages, user=user_b)
+    # C too: the least recently used slot is now A's, which holds that very prompt.
+    again, stats_c = await usage_and_stats(messages, user=user_c)
+    assert stats_c["slot"] == stats_a["slot"]
+    for response, stats in ((same, stats_b), (again, stats_c)):
+        assert response.usage.prompt_tokens == first.usage.prompt_tokens
+        assert not stats["reused"]
+        assert stats["cached"] == 0
+        assert stats["processed"] == response.usage.prompt_tokens  # the whole prompt
+
+
+async def test_users_own_followup_reuses_cache():
+    user = f"user-{uuid.uuid4()}"
+    messages = [{"role": "user", "content": new_text("mine")}]
+    first, stats = await usage_and_stats(messages, user=user, max_tokens=4)
+    assert stats["cached"] == 0
+    reply = first.choices[0].message.content
+    followup = [
+        *messages,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "Why?"},
+    ]
+    second, stats = await usage_and_stats(followup, user=user)
+    assert stats["reused"]
+    # Everything up to the reply comes from the cache; only the new message is read.
+    assert stats["cached"] >= first.usage.prompt_tokens
+    assert stats["processed"] == second.usage.prompt_tokens - stats["cached"]
+    assert stats["processed"] < 20
+
+
+async def test_requests_without_a_user_reuse_nothing():
+    messages = [{"role": "user", "content": new_text("anonymous")}]
+    await usage_and_stats(messages)
+    response, stats = await usage_and_stats(messages)
+    assert not stats["reused"] and stats["cached"] == 0
+    assert stats["processed"] == response.usage.prompt_tokens
+
+
+def test_slots_go_to_their_owner_or_change_hands():
+    slots = local_model._Slots(2)
+    stop = threading.Event()
+    assert slots.acquire("a", stop) == (0, False)
+    assert slots.acquire("b", stop) == (1, False)
+    slots.release(0)
+    slots.release(1)
+    assert slots.acquire("b", stop) == (1, True)  # its own, though 0 is older
+    assert slots.acquire("c", stop) == (0, False)  # a's: a new owner, no reuse
+    slots.release(0)
+    assert slots.acquire("a", stop) == (0, False)  # c had it last
+    slots.release(0)
+    assert slots.acquire(None, stop) == (0, False)  # nobody reuses an anonymous prompt
+    slots.release(0)
+    assert slots.acquire(None, stop) == (0, False)
+    # Both busy: it waits, and gives up when its consumer stops.
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(slots.acquire("b", stop)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not got
+    slots.release(1)
+    waiter.join(5)
+    assert got == [(1, True)]
+    stop.set()
+    assert slots.acquire("d", stop) is None
