@@ -3,7 +3,16 @@
 import chainlit as cl
 import chainlit.server
 
-from vtai import admin, chat, feedback_guard, history, sessions, socket_guard, web_security
+from vtai import (
+    admin,
+    chat,
+    feedback_guard,
+    history,
+    sessions,
+    socket_guard,
+    uploads,
+    web_security,
+)
 from vtai.settings import load_settings
 
 # /admin and /admin/api/*, ahead of Chainlit's catch-all page route.
@@ -14,6 +23,7 @@ web_security.install(chainlit.server.app, chainlit.server.sio, _settings)
 sessions.install(chainlit.server.app, chainlit.server.sio, _settings)
 socket_guard.install(chainlit.server.sio, _settings)
 feedback_guard.install(chainlit.server.app)
+uploads.install(chainlit.server.app)
 
 
 @cl.on_app_startup
