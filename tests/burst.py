@@ -12,7 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from tests.conftest import make_settings
+from tests.conftest import make_settings, offering
 from tests.fake_provider import FakeProvider
 from vtai.services import Services
 from vtai.turn import TurnRequest, TurnRunner
@@ -26,7 +26,7 @@ async def burst(db_url: str, user_id: uuid.UUID, turns: int, data_dir: Path) -> 
             services.gate,
             services.ledger,
             services.callback.notes,
-            services.settings,
+            offering(services.settings, "openai/fake"),
             call_options={"api_base": provider.url("ok"), "api_key": "sk-test"},
         )
 

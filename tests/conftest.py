@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -123,6 +124,12 @@ async def db_url(pg_server, template_db):
     url = await create_database(pg_server, template_db)
     yield url
     await drop_database(pg_server, url)
+
+
+def offering(settings: Settings, model: str) -> Settings:
+    """`settings` for a server whose default model, and so the first it offers, is `model`:
+    a turn runs only a model the server offers (vtai.turn)."""
+    return dataclasses.replace(settings, model=model)
 
 
 def make_settings(db_url: str, data_dir: Path, **overrides) -> Settings:

@@ -24,7 +24,7 @@ import asyncpg
 import litellm
 import pytest
 
-from tests.conftest import ROOT, create_database, drop_database, make_settings
+from tests.conftest import ROOT, create_database, drop_database, make_settings, offering
 from tests.fake_provider import FakeProvider
 from vtai import users
 from vtai.gate import Gate
@@ -61,7 +61,7 @@ async def burst_main(db_url: str, data_dir: Path, turns: int, spacing: float, id
         services.gate,
         services.ledger,
         services.callback.notes,
-        services.settings,
+        offering(services.settings, MODEL),
         call_options=options,
     )
     # A process's first LiteLLM call pays for imports and the HTTP client: about 0.85 s here,

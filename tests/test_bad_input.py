@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.conftest import add_user, make_settings
+from tests.conftest import add_user, make_settings, offering
 from tests.fake_provider import FakeProvider
 from tests.test_turn import collect, request, runner_for, wait_for_rows
 from vtai import users
@@ -27,11 +27,15 @@ async def test_megabyte_message_is_refused_before_the_model(services, conn):
     runner = runner_for(services, mock_response="never sent")
     outcome, tokens = await collect(runner, request(user, "x" * 1_000_000))
     assert outcome.kind == "refused" and not tokens
-    assert "too long for" in outcome.notice and "shorten it" in outcome.notice
+    assert "over the 32,000-character limit" in outcome.notice and "shorten it" in outcome.notice
     await wait_for_rows(conn, 1)
-    r = await conn.fetchrow("select status, total_tokens, additional_details from request_logs")
+    r = await conn.fetchrow(
+        "select status, total_tokens, additional_details, messages from request_logs"
+    )
     assert r["status"] == "refused" and r["total_tokens"] == 0
-    assert json.loads(r["additional_details"])["reason"] == "context_exceeded"
+    details = json.loads(r["additional_details"])
+    assert details["reason"] == "message_too_long" and details["chars"] == 1_000_000
+    assert "xxxx" not in (r["messages"] or "")  # its size and hash, never the text
     assert await conn.fetchval("select coalesce(sum(used + reserved), 0) from usage_counters") == 0
 
 
@@ -64,7 +68,7 @@ async def test_secrets_never_reach_the_error_row(services, conn, monkeypatch):
             services.gate,
             services.ledger,
             services.callback.notes,
-            services.settings,
+            offering(services.settings, "openai/fake"),
             call_options={
                 "api_base": provider.url("401"),
                 "max_retries": 0,
@@ -104,7 +108,7 @@ DEAD_DB = "postgresql://u@127.0.0.1:1/x"
 async def test_gate_closed_refuses_clearly_when_the_database_is_down(tmp_path):
     dead = await asyncpg.create_pool(DEAD_DB, min_size=0, max_size=1)
     try:
-        settings = make_settings(DEAD_DB, tmp_path)
+        settings = make_settings(DEAD_DB, tmp_path, model="gpt-4o-mini")
         gate = Gate(dead, fail_mode="closed", timeout=2)
         ledger = Ledger(dead, Spool(tmp_path / "spool"))
         runner = TurnRunner(gate, ledger, CallNotes(), settings, {"mock_response": "x"})
@@ -123,7 +127,7 @@ async def test_gate_open_answers_and_charges_once_the_database_is_back(db_url, c
     user = await add_user(conn)
     dead = await asyncpg.create_pool(DEAD_DB, min_size=0, max_size=1)
     spool = Spool(tmp_path / "spool")
-    settings = make_settings(DEAD_DB, tmp_path, gate_fail_mode="open")
+    settings = make_settings(DEAD_DB, tmp_path, gate_fail_mode="open", model="gpt-4o-mini")
     notes = CallNotes()
     down = Ledger(dead, spool, timeout=2)
     callback = MeteringLogger(down, notes=notes)

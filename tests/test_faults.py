@@ -40,7 +40,9 @@ async def _setup(url: str, n_users: int, limit: int) -> list[uuid.UUID]:
 async def test_database_killed_mid_burst(own_server, tmp_path, fail_mode):
     turns, limit = 200, 1200
     ids = await _setup(own_server.url, n_users=8, limit=limit)
-    settings = make_settings(own_server.url, tmp_path / "app", gate_fail_mode=fail_mode)
+    settings = make_settings(
+        own_server.url, tmp_path / "app", gate_fail_mode=fail_mode, model="gpt-4o-mini"
+    )
     services = await Services.start(settings, replay=False)
     runner = TurnRunner(
         services.gate,

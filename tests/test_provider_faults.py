@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import add_user, make_settings
+from tests.conftest import add_user, make_settings, offering
 from tests.fake_provider import FakeProvider
 from tests.test_turn import collect, wait_for_rows
 from vtai.services import Services
@@ -35,7 +35,7 @@ def runner(svc, provider, mode):
         svc.gate,
         svc.ledger,
         svc.callback.notes,
-        svc.settings,
+        offering(svc.settings, MODEL),
         call_options={
             "api_base": provider.url(mode),
             "api_key": "sk-test-not-a-real-key",

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import add_user
+from tests.conftest import add_user, offering
 from vtai.turn import TurnRequest, TurnRunner
 
 MODEL = "gpt-4o-mini"
@@ -25,12 +25,13 @@ async def wait_for_rows(conn, n, timeout=10.0):
         await asyncio.sleep(0.05)
 
 
-def runner_for(services, **options):
+def runner_for(services, model=MODEL, **options):
+    """A runner on a server whose default model is `model`: the one these tests ask for."""
     return TurnRunner(
         services.gate,
         services.ledger,
         services.callback.notes,
-        services.settings,
+        offering(services.settings, model),
         call_options=options,
     )
 
