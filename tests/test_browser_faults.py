@@ -120,46 +120,26 @@ async def test_tampered_session_cookie_lands_on_login(db_url, conn, tmp_path, pr
         assert ANSWER.split()[0] in await send(page, "still there?")
 
 
-async def test_unreadable_attachment_is_explained_and_text_still_answered(
-    db_url, conn, tmp_path, provider
-):
+async def test_attachments_are_off_and_text_still_answered(db_url, conn, tmp_path, provider):
+    """The model reads no attachments, so the page offers none (docs/security.md); an upload
+    sent anyway is refused before its body is read (tests/test_uploads.py)."""
     user = await add_user(conn, "attacher")
     async with (
         running_app(db_url, tmp_path, **fake_env(provider.url("ok"))) as base,
         browser_page() as page,
     ):
         await login(page, base, "attacher")
-        before = await page.locator(ASSISTANT).count()
-        await page.fill("#chat-input", "What is in this file? Also, say hello.")
-        # Wait for the server to have the file: under load the chip can show before the
-        # upload has even started, and a message sent then carries no attachment.
-        async with page.expect_response(
-            lambda r: "/project/file" in r.url and r.request.method == "POST", timeout=30_000
-        ):
-            await page.set_input_files(
-                "input[type=file]",
-                files=[
-                    {
-                        "name": "blob.bin",
-                        "mimeType": "application/octet-stream",
-                        "buffer": bytes(range(256)) * 4,
-                    }
-                ],
-            )
-        await page.get_by_text("blob.bin").first.wait_for(timeout=15_000)
-        await _submit_when_uploaded(page)
-        texts = await _wait_for_messages(page, before + 2)
-        await screenshot(page, "fault_attachment")
-    notice = next(t for t in texts if "Attachments are not read" in t)
-    assert "blob.bin" in notice and "paste the text" in notice
-    answer = next(t for t in texts if ANSWER.split(".")[0] in t)
-    assert "tokens used" in answer
-    row = await conn.fetchrow(
-        "select status, messages::text as messages from request_logs where end_user = $1",
-        user.id,
-    )
+        assert await page.locator("input[type=file]").count() == 0
+        status = await page.evaluate(
+            """async (b) => (await fetch(b + '/project/file?session_id=x', {
+                method: 'POST', credentials: 'include', body: new FormData()})).status""",
+            base,
+        )
+        assert status == 403
+        answer = await send(page, "Say hello.")
+    assert ANSWER.split(".")[0] in answer and "tokens used" in answer
+    row = await conn.fetchrow("select status from request_logs where end_user = $1", user.id)
     assert row["status"] == "success"
-    assert "say hello" in row["messages"] and "blob.bin" not in row["messages"]
 
 
 async def test_retry_after_provider_failure_answers_and_bills_once(
@@ -195,17 +175,6 @@ async def test_retry_after_provider_failure_answers_and_bills_once(
         "select used, reserved from usage_counters where end_user = $1", user.id
     )
     assert (counter["used"], counter["reserved"]) == (rows[1]["total_tokens"], 0)
-
-
-async def _submit_when_uploaded(page, timeout: float = 15) -> None:
-    # Chainlit keeps the send button disabled until the upload has finished.
-    submit = page.locator("#chat-submit")
-    for _ in range(int(timeout / 0.1)):
-        if await submit.is_enabled():
-            await submit.click()
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError("the attachment never finished uploading")
 
 
 async def _wait_for_messages(page, count: int, timeout: float = 60) -> list[str]:

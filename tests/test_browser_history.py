@@ -69,7 +69,7 @@ async def test_chats_persist_list_resume_with_context_and_delete_without_refund(
         await page.click("#new-chat-button")
         await page.click("#new-chat-dialog #confirm")
         await page.wait_for_function(
-            f"document.querySelectorAll('{ASSISTANT}').length === 0", timeout=15_000
+            f"() => document.querySelectorAll('{ASSISTANT}').length === 0", timeout=15_000
         )
         second_reply = await send(page, SECOND)
         assert "tokens used" in second_reply

@@ -319,7 +319,8 @@ class VtaiDataLayer(ChainlitDataLayer):
             ' join "User" u on u.id = t."userId" where s.id = $1',
             str(step_id),
         )
-        if owner is None or owner["type"] != "assistant_message":
+        # The chat UI rates the run step that holds an answer; the API may rate the answer.
+        if owner is None or owner["type"] not in ("assistant_message", "run"):
             raise FeedbackRefused(404, NO_SUCH_MESSAGE)
         mine = (
             owner["userId"] == actor.user_id

@@ -353,10 +353,13 @@ class TurnRunner:
         usage: dict = {}
         finish = None
         stream = None
+        # sent: the prompt may have reached the provider, which bills it if it is processed
+        # (a stop doesn't undo that); a call that fails before its stream starts was refused
+        # by the provider (a bad key, a rate limit, an error status) and is not billed.
         sent = False
         complete = False
         try:
-            sent = True  # from here on the provider may have the prompt, and bills it
+            sent = True
             stream = await litellm.acompletion(
                 model=req.model,
                 messages=messages,
@@ -399,7 +402,8 @@ class TurnRunner:
             self._record_partial(req, call_id, grant, messages, parts, usage, None, sent)
             raise
         except Exception as exc:
-            self._record_partial(req, call_id, grant, messages, parts, usage, exc, sent)
+            accepted = stream is not None
+            self._record_partial(req, call_id, grant, messages, parts, usage, exc, accepted)
             self.reserve_ahead(req.next_turn, req.user_id, req.model, req.history)
             return TurnOutcome(
                 "failed",
@@ -480,8 +484,8 @@ class TurnRunner:
         sent: bool,
     ) -> None:
         """The row of a stopped, abandoned or failed stream, charged what the provider bills:
-        its usage if the stream delivered it, else the prompt (once sent, it is billed even if
-        no token came) plus the tokens that streamed, counted by the model's tokenizer where it
+        its usage if the stream delivered it, else the prompt if `sent` (billed even when no
+        token came) plus the tokens that streamed, counted by the model's tokenizer where it
         runs here (exact) and estimated otherwise."""
         self.notes.claimed.add(call_id)
         produced = "".join(parts)
