@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import litellm
 
-from vtai import litellm_stream_end, supabase_login, users
+from vtai import datadir, litellm_stream_end, supabase_login, users
 from vtai.callback import CallNotes, MeteringLogger
 from vtai.db import Database
 from vtai.gate import Gate
@@ -44,6 +44,8 @@ class Services:
     @classmethod
     async def start(cls, settings: Settings, replay: bool = True, pool_size: int = 10) -> Services:
         db = store = auth = None
+        # Whatever the mode, the spool and journal live here: private and ignored by git.
+        datadir.ensure(settings.data_dir)
         if settings.rest_metering:
             store = await SupabaseStore.connect(
                 settings.supabase_url,
