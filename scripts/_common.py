@@ -30,6 +30,12 @@ SERVER_ONLY_FUNCTIONS = (
     "vtai_release",
     "vtai_usage",
     "vtai_verify_counters",
+    "vtai_session_start",
+    "vtai_session_live",
+    "vtai_session_end",
+    "vtai_sessions_end_all",
+    "vtai_login_attempt",
+    "vtai_login_succeeded",
 )
 USER_ROLES = ("anon", "authenticated")
 
