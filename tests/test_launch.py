@@ -144,3 +144,45 @@ def test_data_dir_inside_repo_is_ignored_by_git(tmp_path, monkeypatch):
         text=True,
     ).stdout
     assert staged == ""
+
+
+def test_plain_chainlit_run_needs_no_setup_and_stops_its_database(tmp_path):
+    """`chainlit run vtai/main.py` on a fresh clone: no secret, no account, no database URL."""
+    data_dir = tmp_path / "data"
+    port = free_port()
+    log = tmp_path / "plain.log"
+    env = dict(os.environ, VTAI_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    for name in ("VTAI_DATABASE_URL", "CHAINLIT_AUTH_SECRET", "CI"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chainlit", "run", "vtai/main.py", "--headless"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out = wait_for_login_page(proc, port, log)
+        assert "no account yet" in out and "vtai user add admin --admin" in out
+        # The hint works as printed: the account it makes can log in.
+        subprocess.run(
+            [sys.executable, "-m", "vtai.cli", "user", "add", "admin", "--admin"]
+            + ["--tier", "unlimited", "--password-stdin"],
+            input="a strong password here",
+            text=True,
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        body = b"username=admin&password=a+strong+password+here"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/login", data=body)
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200 and "access_token" in r.headers.get("set-cookie", "")
+    finally:
+        tail = ctrl_c(proc, log)
+    assert oct((data_dir / "auth-secret").stat().st_mode & 0o777) == "0o600"
+    assert "has stopped" in tail
+    assert not postmaster_running(data_dir)

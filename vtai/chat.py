@@ -12,7 +12,7 @@ import uuid
 import chainlit as cl
 from chainlit.input_widget import Select
 
-from vtai import balances, history, models, quota
+from vtai import balances, history, models, quota, users
 from vtai.services import Services
 from vtai.settings import load_settings
 from vtai.turn import TurnRequest
@@ -43,11 +43,28 @@ async def startup() -> None:
         _services = await Services.start(load_settings())
         if _services.db is not None:
             _balance_sync = balances.start_periodic(_services.db.pool)
+        await _first_account_hint(_services)
         if _services.settings.model == models.LOCAL_MODEL_ID:
             # Load the model now rather than on the first user's first message.
             from vtai import local_model
 
             await asyncio.to_thread(local_model.server)
+
+
+async def _first_account_hint(s: Services) -> None:
+    """`make run` makes the first admin; a plain `chainlit run` says how to make one."""
+    if s.db is None or s.settings.supabase_auth:
+        return
+    async with s.db.pool.acquire() as conn:
+        if await users.any_admin(conn):
+            return
+    name = s.settings.admin_username
+    print(
+        "VT.ai has no account yet. Create the first admin, then log in:\n"
+        f"  echo 'A-STRONG-PASSWORD' | vtai user add {name} --admin --tier unlimited "
+        "--password-stdin\n(`make run` creates one for you and prints its password.)",
+        flush=True,
+    )
 
 
 async def shutdown() -> None:

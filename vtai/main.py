@@ -1,5 +1,7 @@
 """Chainlit entry point: `chainlit run vtai/main.py`. Handlers only; the work is in vtai.chat."""
 
+import os
+
 import chainlit as cl
 import chainlit.server
 
@@ -8,6 +10,7 @@ from vtai import (
     chat,
     feedback_guard,
     history,
+    launch,
     sessions,
     socket_guard,
     uploads,
@@ -19,6 +22,9 @@ from vtai.settings import load_settings
 admin.register(chainlit.server.app)
 # Who may call the app, whose login still holds, and what a chat client may send.
 _settings = load_settings()
+# `chainlit run vtai/main.py` works without `make run`: Chainlit checks for its secret after
+# loading this module, and finds the one `make run` would use, kept in the data dir.
+os.environ["CHAINLIT_AUTH_SECRET"] = launch.ensure_auth_secret(_settings.data_dir)
 web_security.install(chainlit.server.app, chainlit.server.sio, _settings)
 sessions.install(chainlit.server.app, chainlit.server.sio, _settings)
 socket_guard.install(chainlit.server.sio, _settings)
