@@ -254,3 +254,22 @@ async def test_launch_prepares_no_database_for_rest_and_no_local_admin_for_supab
     await db.close()
     assert password is None
     assert await conn.fetchval("select count(*) from profiles") == 0
+
+
+async def test_login_sessions_and_throttle_work_over_rest(rest_services, gotrue, conn):
+    """REST-only mode: the same session and throttle functions, through the PostgREST
+    stand-in as the service role, so logins can be ended and guesses throttled there too."""
+    from vtai import sessions
+
+    store = sessions.store_of(rest_services)
+    assert isinstance(store, sessions.RestSessions)
+    profile = await sign_in(rest_services, conn, gotrue)
+    assert profile is not None
+    sid = await store.start(profile.id, 60)
+    assert await store.live(sid, profile.id)
+    assert not await store.live(sid, uuid.uuid4())  # a session is its own user's only
+    assert await store.end(sid) and not await store.live(sid, profile.id)
+    # Guessing one name: free attempts first, then each waits for a slot.
+    waits = [await store.attempt("victim@example.com", "203.0.113.9") for _ in range(6)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and all(w != 0 for w in waits[3:])
+    assert await conn.fetchval("select count(*) from vtai_private.login_throttle") >= 2
