@@ -67,33 +67,34 @@ class Report:
             self.fail(f"{text}: {problem}" if problem else text)
 
 
-def migration_script(todo: list[migrations.Migration]) -> str:
+def migration_script(todo: migrations.Plan) -> str:
     """SQL to paste into the Supabase SQL editor; records each file as setup would."""
     parts = [
         "-- VT.ai migrations for the Supabase SQL editor. Each file runs in its own transaction",
         "-- and is recorded where `supabase db push` and VT.ai look for applied migrations.",
         migrations.HISTORY_TABLE.strip(),
     ]
-    for m in todo:
-        tag = "$vtai_migration$"
-        if tag in m.sql:
-            raise ScriptError(f"{m.path.name} contains {tag}; it can't be quoted for the editor")
-        parts += [
-            f"\n-- {m.path.name}",
-            "begin;",
-            m.sql.strip(),
-            "insert into supabase_migrations.schema_migrations (version, statements, name)"
-            f" values ('{m.version}', array[{tag}{m.sql}{tag}], '{m.name}')"
-            " on conflict (version) do nothing;",
-            "commit;",
-        ]
+    try:
+        if todo.adopt:
+            parts += [
+                "\n-- This database was migrated with the files before the schema baseline: record",
+                "-- the baseline as applied without running it (docs/supabase.md).",
+                "begin;",
+                migrations.adoption_sql(todo.adopt).strip(),
+                "commit;",
+            ]
+        for m in todo.todo:
+            parts += [f"\n-- {m.path.name}", "begin;", m.sql.strip(), migrations.record_sql(m)]
+            parts.append("commit;")
+    except ValueError as exc:
+        raise ScriptError(f"{exc} for the editor") from None
     return "\n".join(parts) + "\n"
 
 
 async def apply(conn: asyncpg.Connection, url: str) -> int:
     """Apply what is pending; return how many changes were made."""
     try:
-        applied = await migrations.apply_pending(conn)
+        applied = await migrations.apply_pending(conn, say=lambda line: print(f"note  {line}"))
     except asyncpg.PostgresError as exc:
         raise ScriptError(describe_sql_error(exc, url, "a migration failed")) from None
     for m in applied:
@@ -107,11 +108,28 @@ async def verify(conn: asyncpg.Connection) -> Report:
     report = Report()
     expected = expected_schema()
 
-    pending = await migrations.pending(conn)
+    try:
+        todo = await migrations.plan(conn)
+    except migrations.MigrationError as exc:
+        report.fail(f"migrations applied: {exc}")
+    else:
+        if todo.adopt:
+            report.fail(
+                "migrations applied: this database was migrated with the files before the schema"
+                " baseline; run scripts/setup_supabase.py (or start VT.ai) to move it onto the"
+                " baseline"
+            )
+        else:
+            report.check(
+                not todo.todo,
+                "migrations applied",
+                f"{len(todo.todo)} pending ({', '.join(m.version for m in todo.todo)})",
+            )
+    changed = await migrations.changed(conn)
     report.check(
-        not pending,
-        "migrations applied",
-        f"{len(pending)} pending ({', '.join(m.version for m in pending)})",
+        not changed,
+        "migration files unchanged since they were applied",
+        migrations.describe_changed(changed) if changed else "",
     )
 
     for table, columns in expected.tables.items():
@@ -257,14 +275,18 @@ async def main(argv: list[str] | None) -> int:
         parser.error("--all only goes with --print-sql")
 
     if args.print_sql and args.all:
-        sys.stdout.write(migration_script(migrations.discover()))
+        sys.stdout.write(migration_script(migrations.Plan(todo=migrations.discover())))
         return OK
 
     url = database_url(args.db_url)
     conn = await open_connection(url)
     try:
         if args.print_sql:
-            sys.stdout.write(migration_script(await migrations.pending(conn)))
+            try:
+                todo = await migrations.plan(conn)
+            except migrations.MigrationError as exc:
+                raise ScriptError(str(exc)) from None
+            sys.stdout.write(migration_script(todo))
             return OK
         changes = 0 if args.check else await apply(conn, url)
         try:

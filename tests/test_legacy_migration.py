@@ -162,7 +162,7 @@ async def test_legacy_supabase_database_upgrades_without_losing_a_row(supabase_d
         await legacy.close()
 
     setup_out = ok("setup_supabase.py", "--db-url", migrator_url)
-    assert "applied migration 20261122000150_legacy_request_logs" in setup_out
+    assert "applied migration 20261121000100_legacy_request_logs" in setup_out
     assert "usage_logs still holds 4 row(s)" in setup_out
 
     conn = await asyncpg.connect(su_url)
@@ -259,7 +259,7 @@ async def assert_clean_but_usage_logs(conn) -> None:
 async def test_legacy_uuid_shape_upgrades_on_plain_postgres(empty_db_url):
     conn = await asyncpg.connect(empty_db_url)
     try:
-        compat = (ROOT / "supabase/migrations/20261122000000_supabase_compat.sql").read_text()
+        compat = (ROOT / "supabase/migrations/20261121000000_supabase_compat.sql").read_text()
         await conn.execute(compat)  # the auth schema a Supabase project already has
         await conn.execute(LEGACY_B)
         ok("setup_supabase.py", "--db-url", empty_db_url)
@@ -287,12 +287,12 @@ async def test_legacy_uuid_shape_upgrades_on_plain_postgres(empty_db_url):
 async def test_upgrade_is_a_noop_when_run_again_by_hand(empty_db_url, shape):
     conn = await asyncpg.connect(empty_db_url)
     try:
-        compat = (ROOT / "supabase/migrations/20261122000000_supabase_compat.sql").read_text()
+        compat = (ROOT / "supabase/migrations/20261121000000_supabase_compat.sql").read_text()
         await conn.execute(compat)
         await conn.execute(shape)
         ok("setup_supabase.py", "--db-url", empty_db_url)
         snapshot = await conn.fetch("select * from request_logs order by id")
-        legacy = (ROOT / "supabase/migrations/20261122000150_legacy_request_logs.sql").read_text()
+        legacy = (ROOT / "supabase/migrations/20261121000100_legacy_request_logs.sql").read_text()
         await conn.execute(legacy)
         assert await conn.fetch("select * from request_logs order by id") == snapshot
     finally:

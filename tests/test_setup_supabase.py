@@ -13,6 +13,7 @@ import pytest
 
 from tests import test_migrations
 from tests.conftest import ROOT, embedded_server
+from vtai import migrations
 
 # A database shaped like hosted Supabase, migrated by a non-superuser (a shared fixture).
 supabase_db = test_migrations.supabase_db
@@ -35,7 +36,7 @@ def setup(*args: str) -> subprocess.CompletedProcess:
 async def test_setup_on_empty_database_then_second_run_changes_nothing(empty_db_url):
     first = setup("--db-url", empty_db_url)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "applied migration 20261122000200_metering" in first.stdout
+    assert "applied migration 20261121000200_baseline" in first.stdout
     assert "FAIL" not in first.stdout and "all checks passed" in first.stdout
     for line in ("row-level security on vtai_private.credentials", "authenticated can't execute"):
         assert line in first.stdout
@@ -152,7 +153,7 @@ async def test_missing_database_and_missing_url_are_one_line(empty_db_url):
 
 def test_print_sql_all_needs_no_database_and_help_documents_exit_codes():
     out = setup("--print-sql", "--all").stdout
-    assert "-- 20261122000150_legacy_request_logs.sql" in out
+    assert "-- 20261121000100_legacy_request_logs.sql" in out
     assert "insert into supabase_migrations.schema_migrations" in out
     assert "exit codes:" in setup("--help").stdout
 
@@ -161,3 +162,80 @@ async def test_migrations_as_non_superuser_pass_every_check(supabase_db):
     _, migrator_url = supabase_db
     result = setup("--db-url", migrator_url)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_check_names_a_migration_file_changed_after_it_was_applied(db_url):
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            "update supabase_migrations.schema_migrations set vtai_sha256 = repeat('0', 64)"
+            " where version = '20261121000300'"
+        )
+    finally:
+        await conn.close()
+    check = setup("--db-url", db_url, "--check")
+    assert check.returncode == 1
+    fails = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1, check.stdout
+    assert (
+        "supabase/migrations/20261121000300_chat_history.sql changed after it was applied"
+        in (fails[0])
+    )
+    applying = setup("--db-url", db_url)
+    assert applying.returncode == 3 and applying.stdout == ""
+    lines = applying.stderr.strip().splitlines()
+    assert len(lines) == 1 and "20261121000300_chat_history.sql changed after" in lines[0]
+
+
+async def test_database_from_before_the_baseline_with_check_print_sql_and_setup(empty_db_url):
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await test_migrations.apply_v0(conn)
+        check = setup("--db-url", empty_db_url, "--check")
+        assert check.returncode == 1
+        assert "migrated with the files before the schema baseline" in check.stdout
+        assert "FAIL  usage counters" not in check.stdout
+
+        # The editor's SQL moves it onto the baseline just as setup would.
+        script_sql = setup("--db-url", empty_db_url, "--print-sql")
+        assert script_sql.returncode == 0, script_sql.stderr
+        assert script_sql.stdout.count("\nbegin;") == 1 + len(
+            [m for m in migrations.discover() if m.version > max(migrations.BASELINE)]
+        )
+        await conn.execute(script_sql.stdout)
+        assert await migrations.pending(conn) == []
+        assert await conn.fetchval(f"select count(*) from {migrations.REPLACED_TABLE}") == 12
+        again = setup("--db-url", empty_db_url)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "migrations: none pending" in again.stdout and "all checks passed" in again.stdout
+    finally:
+        await conn.close()
+
+
+async def test_setup_moves_a_database_from_before_the_baseline(empty_db_url):
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await test_migrations.apply_v0(conn, skip=("20261122000150",))
+        partial = setup("--db-url", empty_db_url)
+        assert partial.returncode == 3
+        lines = partial.stderr.strip().splitlines()
+        assert len(lines) == 1 and "11 of the 12" in lines[0], partial.stderr
+        assert "20261122000150_legacy_request_logs" in lines[0]
+        assert "FAIL  migrations applied: this database has 11 of the 12" in (
+            setup("--db-url", empty_db_url, "--check").stdout
+        )
+        assert setup("--db-url", empty_db_url, "--print-sql").returncode == 3
+
+        await conn.execute(
+            (test_migrations.V0_DIR / "20261122000150_legacy_request_logs.sql").read_text()
+        )
+        await conn.execute(
+            "insert into supabase_migrations.schema_migrations (version, name)"
+            " values ('20261122000150', 'legacy_request_logs')"
+        )
+        moved = setup("--db-url", empty_db_url)
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        assert "note  this database was migrated with the 12 files before" in moved.stdout
+        assert "all checks passed" in moved.stdout
+    finally:
+        await conn.close()
