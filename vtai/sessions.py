@@ -15,7 +15,7 @@ refused on its very next request:
 
 Login attempts go through vtai_login_attempt() first: counted per name and per client
 address in the database, so parallel guesses queue instead of all being checked at once
-(rules in supabase/migrations/20261130000100_login_sessions.sql). A refused attempt does the
+(rules in supabase/migrations/20261121000200_baseline.sql). A refused attempt does the
 same hashing work and gets the same answer as a wrong password.
 
 With a database URL (or the embedded Postgres) the functions are called directly; in
@@ -100,7 +100,7 @@ class RestSessions:
         except Exception as exc:
             missing = "PGRST202" in str(exc) or "Could not find the function" in str(exc)
             hint = (
-                "the project lacks migration 20261130000100_login_sessions.sql: run "
+                "the project lacks the login-session functions (20261121000200_baseline.sql): run "
                 "`python scripts/setup_supabase.py`"
                 if missing
                 else f"{type(exc).__name__}"
