@@ -11,7 +11,6 @@ plain insert; it runs here on the same database, in the same run, for the ratio.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import sys
 import time
@@ -181,7 +180,7 @@ async def bench(
 ) -> common.Section:
     with common.data_dir() as tmp:
         durable = Settings(database_url=db_url, data_dir=Path(tmp), model="gpt-4o-mini")
-        fast = dataclasses.replace(durable, reserve_commit="fast")
+        fast = durable.model_copy(update={"reserve_commit": "fast"})
         db = await Database(durable).open(migrate=False)
         fast_db = await Database(fast).open(migrate=False)
         try:

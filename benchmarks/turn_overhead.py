@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import random
 import sys
@@ -263,7 +262,7 @@ async def bench(
     with common.data_dir() as tmp:
         settings = Settings(database_url=db_url, data_dir=tmp, model=MODEL)
         services = await Services.start(settings, replay=False, pool_size=10)
-        fast_db = await Database(dataclasses.replace(settings, reserve_commit="fast")).open(
+        fast_db = await Database(settings.model_copy(update={"reserve_commit": "fast"})).open(
             migrate=False
         )
         conn = await asyncpg.connect(db_url)

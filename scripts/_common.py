@@ -7,17 +7,16 @@ only definition of the data, so a check can't drift from what the migrations cre
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import asyncpg
-from dotenv import load_dotenv
 
 from vtai import migrations
 from vtai.db import connect
+from vtai.settings import Settings, SettingsError, load_settings
 
 # Exit codes shared by the scripts (each script's --help repeats them).
 OK, DRIFT, USAGE, DB_ERROR = 0, 1, 2, 3
@@ -57,22 +56,29 @@ def parser(description: str, epilog: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--db-url",
-        help="postgresql://... (default: SUPABASE_DB_URL, then "
-        "VTAI_DATABASE_URL, from the environment or .env)",
+        help="postgresql://... (default: the app's database, VTAI_DATABASE_URL, then "
+        "SUPABASE_DB_URL, from the environment or .env)",
     )
     return p
 
 
+def settings() -> Settings:
+    """The app's settings (vtai.settings: the environment, then .env); a bad value is one line."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise ScriptError(str(exc), USAGE) from None
+
+
 def database_url(cli_value: str | None) -> str:
+    """--db-url, else the database the app uses (VTAI_DATABASE_URL wins over SUPABASE_DB_URL)."""
     if cli_value:
         return cli_value
-    load_dotenv(override=False)
-    for name in ("SUPABASE_DB_URL", "VTAI_DATABASE_URL"):
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
+    url = settings().database_url
+    if url:
+        return url
     raise ScriptError(
-        "no database URL: pass --db-url or set SUPABASE_DB_URL (or VTAI_DATABASE_URL) in .env",
+        "no database URL: pass --db-url or set VTAI_DATABASE_URL (or SUPABASE_DB_URL) in .env",
         USAGE,
     )
 

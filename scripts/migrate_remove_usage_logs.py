@@ -13,11 +13,18 @@ had been recorded live, and older usage lands in periods that are over.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import asyncpg
-from _common import OK, ScriptError, database_url, describe_sql_error, open_connection, run
+from _common import (
+    OK,
+    ScriptError,
+    database_url,
+    describe_sql_error,
+    open_connection,
+    run,
+    settings,
+)
 from _common import parser as common_parser
 
 from vtai import migrations
@@ -195,10 +202,10 @@ async def main(argv: list[str] | None) -> int:
     parser.add_argument(
         "--period",
         choices=PERIODS,
-        default=(os.environ.get("VTAI_USAGE_PERIOD", "").strip().lower() or "month"),
         help="usage period the copied rows are charged to (default: VTAI_USAGE_PERIOD or month)",
     )
     args = parser.parse_args(argv)
+    period = args.period or settings().usage_period
 
     url = database_url(args.db_url)
     conn = await open_connection(url)
@@ -212,7 +219,7 @@ async def main(argv: list[str] | None) -> int:
                 f"{len(pending)} migration(s) are pending: run scripts/setup_supabase.py first"
             )
         try:
-            await migrate(conn, args.period, args.dry_run)
+            await migrate(conn, period, args.dry_run)
         except _DryRun:
             print("dry run: would drop public.usage_logs; rolled back, nothing changed")
             return OK

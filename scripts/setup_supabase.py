@@ -5,7 +5,8 @@
     python scripts/setup_supabase.py --print-sql     # pending migrations' SQL for the SQL editor
     python scripts/setup_supabase.py --print-sql --all
 
-The database URL comes from --db-url, SUPABASE_DB_URL or VTAI_DATABASE_URL (.env is read).
+The database URL comes from --db-url, else the app's: VTAI_DATABASE_URL, then SUPABASE_DB_URL
+(from the environment, then .env), read by vtai.settings as the app reads it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -129,7 +128,7 @@ async def db_url(pg_server, template_db):
 def offering(settings: Settings, model: str) -> Settings:
     """`settings` for a server whose default model, and so the first it offers, is `model`:
     a turn runs only a model the server offers (vtai.turn)."""
-    return dataclasses.replace(settings, model=model)
+    return settings.model_copy(update={"model": model})
 
 
 def make_settings(db_url: str, data_dir: Path, **overrides) -> Settings:

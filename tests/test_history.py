@@ -11,7 +11,6 @@ import json
 import re
 import time
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -255,7 +254,9 @@ async def test_unstorable_characters_do_not_lose_the_message(layer, conn):
 
 async def test_history_off_means_no_data_layer(services):
     assert history.data_layer(None) is None
-    off = SimpleNamespace(settings=replace(services.settings, history=False), db=services.db)
+    off = SimpleNamespace(
+        settings=services.settings.model_copy(update={"history": False}), db=services.db
+    )
     assert history.data_layer(off) is None
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 import asyncpg
 import httpx
 
-from vtai.models import key_configured
+from vtai.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +65,21 @@ async def fetch_openrouter(client: httpx.AsyncClient, base: str, key: str) -> Fe
 
 
 async def fetch_all(env: dict[str, str] | None = None, timeout: float = 10.0) -> list[Fetched]:
-    """What every configured provider says now; providers without a key are left out."""
-    env = dict(os.environ) if env is None else env
+    """What every configured provider says now; providers without a key are left out.
+
+    The keys and VTAI_OPENROUTER_BASE come from Settings, read from `env` (default: this
+    process's environment, as it is now).
+    """
+    settings = load_settings(env, dotenv=False)
+    keys = settings.provider_keys
     found = []
-    if key_configured("OPENROUTER_API_KEY", env):
-        base = env.get("VTAI_OPENROUTER_BASE", "").strip() or OPENROUTER_BASE
+    if "OPENROUTER_API_KEY" in keys:
+        base = settings.openrouter_base or OPENROUTER_BASE
+        key = keys["OPENROUTER_API_KEY"].get_secret_value()
         async with httpx.AsyncClient(timeout=timeout) as client:
-            found.append(await fetch_openrouter(client, base, env["OPENROUTER_API_KEY"].strip()))
+            found.append(await fetch_openrouter(client, base, key))
     for provider, var in NO_BALANCE_API.items():
-        if key_configured(var, env):
+        if var in keys:
             found.append(Fetched(provider, note=NO_API))
     return found
 
@@ -151,12 +156,7 @@ async def cli_sync(pool: asyncpg.Pool) -> int:
 
 def interval(env: dict[str, str] | None = None) -> int:
     """Seconds between background syncs (VTAI_BALANCE_SYNC_INTERVAL; 0 turns them off)."""
-    raw = (dict(os.environ) if env is None else env).get("VTAI_BALANCE_SYNC_INTERVAL", "")
-    try:
-        return max(int(raw.strip()), 0) if raw.strip() else DEFAULT_INTERVAL
-    except ValueError:
-        log.warning("VTAI_BALANCE_SYNC_INTERVAL=%r is not a whole number; using 3600", raw)
-        return DEFAULT_INTERVAL
+    return load_settings(env, dotenv=False).balance_sync_interval
 
 
 def start_periodic(pool: asyncpg.Pool, every: int | None = None) -> asyncio.Task | None:

@@ -187,7 +187,9 @@ async def spool_replay(settings: Settings, args: argparse.Namespace) -> int:
         from vtai.supabase_store import SupabaseStore
 
         store = await SupabaseStore.connect(
-            settings.supabase_url, settings.supabase_service_key, settings.usage_period
+            settings.supabase_url,
+            settings.supabase_service_key.get_secret_value(),
+            settings.usage_period,
         )
         try:
             return await _replay(Ledger(store, Spool(settings.spool_dir)))

@@ -21,11 +21,15 @@ from vtai.settings import Settings, SettingsError, load_settings
 APP = Path(__file__).resolve().parent / "main.py"
 
 
-def ensure_auth_secret(data_dir: Path) -> str:
-    """CHAINLIT_AUTH_SECRET from the environment, else one generated once into the data dir."""
+def ensure_auth_secret(data_dir: Path, settings: Settings | None = None) -> str:
+    """CHAINLIT_AUTH_SECRET from the settings (default: read from the environment now), else
+    one generated once into the data dir."""
     datadir.ensure(data_dir)
-    if os.environ.get("CHAINLIT_AUTH_SECRET"):
-        return os.environ["CHAINLIT_AUTH_SECRET"]
+    configured = (
+        settings if settings is not None else load_settings(dotenv=False)
+    ).chainlit_auth_secret
+    if configured is not None:
+        return configured.get_secret_value()
     path = data_dir / "auth-secret"
     if path.exists():
         return path.read_text().strip()
@@ -41,7 +45,8 @@ async def ensure_admin(db: Database, settings: Settings) -> str | None:
     async with db.pool.acquire() as conn:
         if await users.any_admin(conn):
             return None
-        password = os.environ.get("VTAI_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        given = settings.admin_password
+        password = given.get_secret_value() if given else secrets.token_urlsafe(12)
         await users.create_user(conn, settings.admin_username, password, "unlimited", True)
         return password
 
@@ -74,13 +79,13 @@ def _interrupt(signum, frame) -> None:
 def main() -> int:
     try:
         settings = load_settings()
-        os.environ["CHAINLIT_AUTH_SECRET"] = ensure_auth_secret(settings.data_dir)
+        # Chainlit reads its secret from the environment: the `chainlit run` child's.
+        os.environ["CHAINLIT_AUTH_SECRET"] = ensure_auth_secret(settings.data_dir, settings)
         db, password = asyncio.run(prepare(settings))
     except (SettingsError, DatabaseError) as exc:
         print(f"vtai: {exc}", file=sys.stderr)
         return 2
-    host = os.environ.get("CHAINLIT_HOST", "127.0.0.1")
-    port = os.environ.get("CHAINLIT_PORT", "8000")
+    host, port = settings.chainlit_host, str(settings.chainlit_port)
     print(f"\nVT.ai is starting on http://{host}:{port} ({_where(settings)}).")
     if settings.supabase_auth:
         print(

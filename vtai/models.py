@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm  # noqa: E402 - the env var above must be set before this import
+
+from vtai.settings import Settings, provider_keys  # noqa: E402
 
 LOCAL_MODEL_ID = "local/smollm2-135m"
 
@@ -24,19 +27,27 @@ PROVIDER_MODELS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-_FAKE_KEYS = {"sk-FAKE-OPENAI-API-KEY"}  # planted by `chainlit run` in CI mode
+
+def _configured(env: Mapping[str, str] | None, settings: Settings | None) -> dict:
+    """The provider keys set, from `settings`, else read by vtai.settings from `env` (default:
+    this process's environment). Chainlit's CI placeholder key is not a key."""
+    return settings.provider_keys if settings is not None else provider_keys(env)
 
 
-def key_configured(var: str, env: dict[str, str] | None = None) -> bool:
-    value = (env if env is not None else os.environ).get(var, "").strip()
-    return bool(value) and value not in _FAKE_KEYS
+def key_configured(
+    var: str, env: Mapping[str, str] | None = None, settings: Settings | None = None
+) -> bool:
+    return var in _configured(env, settings)
 
 
-def available_models(default: str, env: dict[str, str] | None = None) -> list[str]:
+def available_models(
+    default: str, env: Mapping[str, str] | None = None, settings: Settings | None = None
+) -> list[str]:
     """The picker's list: the configured default first, then the local model, then providers'."""
+    configured = _configured(env, settings)
     models = [default, LOCAL_MODEL_ID]
     for var, offered in PROVIDER_MODELS.items():
-        if key_configured(var, env):
+        if var in configured:
             models.extend(offered)
     return list(dict.fromkeys(models))
 

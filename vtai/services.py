@@ -49,7 +49,7 @@ class Services:
         if settings.rest_metering:
             store = await SupabaseStore.connect(
                 settings.supabase_url,
-                settings.supabase_service_key,
+                settings.supabase_service_key.get_secret_value(),
                 settings.usage_period,
                 settings.reservation_ttl,
                 settings.gate_fail_mode,
@@ -71,7 +71,9 @@ class Services:
             )
             ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
         if settings.supabase_auth:
-            auth = await SupabaseAuth.connect(settings.supabase_url, settings.supabase_anon_key)
+            auth = await SupabaseAuth.connect(
+                settings.supabase_url, settings.supabase_anon_key.get_secret_value()
+            )
             log.info("password logins go to Supabase Auth (SUPABASE_ANON_KEY is set)")
         notes = CallNotes()
         callback = MeteringLogger(ledger, settings.log_content, notes)
