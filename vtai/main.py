@@ -24,7 +24,7 @@ admin.register(chainlit.server.app)
 _settings = load_settings()
 # `chainlit run vtai/main.py` works without `make run`: Chainlit checks for its secret after
 # loading this module, and finds the one `make run` would use, kept in the data dir.
-os.environ["CHAINLIT_AUTH_SECRET"] = launch.ensure_auth_secret(_settings.data_dir)
+os.environ["CHAINLIT_AUTH_SECRET"] = launch.ensure_auth_secret(_settings.data_dir, _settings)
 web_security.install(chainlit.server.app, chainlit.server.sio, _settings)
 sessions.install(chainlit.server.app, chainlit.server.sio, _settings)
 socket_guard.install(chainlit.server.sio, _settings)
