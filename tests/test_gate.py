@@ -7,13 +7,16 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import httpx
 import pytest
+from postgrest.exceptions import APIError
 
 from tests.conftest import add_user, make_settings
 from vtai.db import Database
 from vtai.gate import Gate
 from vtai.ledger import Ledger
 from vtai.spool import Spool
+from vtai.supabase_store import SupabaseStore
 
 T0 = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 
@@ -246,3 +249,105 @@ async def test_a_connection_left_in_a_transaction_comes_back_clean(db_url, tmp_p
             assert await conn.fetchval("select to_regclass('pg_temp.left_open')") is None
     finally:
         await db.close()
+
+
+# --- Errors are not outages ------------------------------------------------------------------
+
+
+class _Broken:
+    """A pool whose query fails with `exc`: a stand-in for a bug or a schema that doesn't
+    match (anything but an unreachable database)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    async def fetchrow(self, *args, **kwargs):
+        raise self.exc
+
+
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        TypeError("a bug"),
+        asyncpg.UndefinedFunctionError("function public.vtai_reserve(...) does not exist"),
+    ],
+    ids=["bug", "schema"],
+)
+async def test_an_error_refuses_the_turn_whatever_the_fail_mode(fail_mode, exc, caplog):
+    grant = await Gate(_Broken(exc), fail_mode=fail_mode).reserve(uuid.uuid4(), 10, 10)
+    assert not grant.granted and grant.reason == "error"
+    (logged,) = [r for r in caplog.records if r.name == "vtai.gate"]
+    assert logged.levelname == "ERROR" and logged.exc_info[1] is exc  # with its traceback
+
+
+@pytest.mark.parametrize(("fail_mode", "granted"), [("open", True), ("closed", False)])
+async def test_an_unreachable_database_follows_the_fail_mode(fail_mode, granted):
+    dead = await asyncpg.create_pool(
+        "postgresql://nobody@127.0.0.1:9/none", min_size=0, max_size=1, timeout=1
+    )
+    try:
+        grant = await Gate(dead, fail_mode=fail_mode, timeout=1).reserve(uuid.uuid4(), 10, 10)
+    finally:
+        await dead.close()
+    assert grant.granted is granted
+    assert grant.reason == ("open" if granted else "unavailable")
+
+
+async def test_a_turn_whose_gate_errs_is_refused_with_a_row_and_nothing_is_sent(
+    db_url, conn, tmp_path
+):
+    from tests.test_turn import collect, request
+    from vtai.rows import OpenCalls
+    from vtai.turn import TurnRunner
+
+    user = await add_user(conn)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        settings = make_settings(db_url, tmp_path, model="gpt-4o-mini", gate_fail_mode="open")
+        gate = Gate(_Broken(KeyError("granted")), fail_mode="open")
+        runner = TurnRunner(
+            gate,
+            Ledger(pool, Spool(tmp_path / "spool")),
+            OpenCalls(),
+            settings,
+            {"mock_response": "must not be answered"},
+        )
+        outcome, streamed = await collect(runner, request(user))
+        await runner.drain()
+    finally:
+        await pool.close()
+    assert outcome.kind == "refused" and not streamed
+    assert "error on the server" in outcome.notice
+    row = await conn.fetchrow("select status, additional_details from request_logs")
+    assert row["status"] == "refused" and '"reason": "error"' in row["additional_details"]
+
+
+class _Rpc:
+    def __init__(self, answer):
+        self.answer = answer
+
+    def rpc(self, fn, params):
+        return self
+
+    async def execute(self):
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return type("Response", (), {"data": self.answer})()
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (httpx.ConnectError("connection refused"), "open"),
+        (APIError({"code": "503", "message": "Service Unavailable"}), "open"),
+        (APIError({"code": "42883", "message": "function does not exist"}), "error"),
+        ([], "error"),  # an answer without a row
+        ([{"granted": True, "reason": "granted", "reservation_id": "not-a-uuid"}], "error"),
+    ],
+    ids=["transport", "gateway", "schema", "empty", "malformed"],
+)
+async def test_rest_reserve_follows_the_fail_mode_only_when_unreachable(answer, reason):
+    store = SupabaseStore(_Rpc(answer), fail_mode="open")
+    grant = await store.reserve(uuid.uuid4(), 10, 10)
+    assert grant.reason == reason and grant.granted is (reason == "open")

@@ -11,6 +11,8 @@ import uuid
 import pytest
 
 from tests.conftest import add_user, offering
+from vtai import rows
+from vtai.rows import Facts, Tokens
 from vtai.turn import TurnRequest, TurnRunner
 
 MODEL = "gpt-4o-mini"
@@ -194,7 +196,7 @@ async def test_the_reply_returns_before_litellm_ends_the_stream_and_the_full_row
     assert await wait_for_rows(conn, 1) == 1
     details = await conn.fetchval("select additional_details from request_logs")
     assert '"provisional"' not in details and '"tier": "free"' in details
-    assert not services.callback.notes.provisional
+    assert len(services.callback.notes) == 0  # the hook took the call's entry
 
 
 class _TailFails:
@@ -217,20 +219,62 @@ class _TailFails:
 async def test_if_the_stream_end_fails_the_row_held_at_the_answer_is_recorded(services, conn):
     user = await add_user(conn)
     runner = runner_for(services)
-    call_id = str(uuid.uuid4())
-    row = {
-        "litellm_call_id": call_id,
-        "end_user": str(user.id),
-        "status": "success",
-        "prompt_tokens": 12,
-        "completion_tokens": 5,
-        "additional_details": {"provisional": True},
-    }
-    services.callback.notes.provisional[call_id] = services.ledger.hold(row)
+    facts = Facts(str(uuid.uuid4()), str(user.id), "chat-1", MODEL)
+    call = services.callback.notes.open(facts)
+    call.provisional = services.ledger.hold(
+        rows.build(facts, "success", "full", usage=Tokens(12, 5), details={"provisional": True})
+    )
     stream = _TailFails()
-    await runner._finish_stream(stream, call_id)
-    assert stream.closed and call_id in services.callback.notes.claimed
+    await runner._finish_stream(stream, call)
+    assert stream.closed and facts.call_id not in services.callback.notes
+    assert await call.settled is True
     assert await wait_for_rows(conn, 1) == 1
     r = await conn.fetchrow("select status, total_tokens from request_logs")
     assert (r["status"], r["total_tokens"]) == ("success", 17)
     assert await conn.fetch("select * from vtai_verify_counters()") == []
+
+
+# --- A chat longer than the quota left ----------------------------------------------------------
+
+LONG_HISTORY = [
+    {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + "word " * 120}
+    for i in range(6)
+]
+
+
+async def test_a_chat_longer_than_the_quota_left_drops_its_oldest_turns_and_answers(services, conn):
+    user = await add_user(conn)
+    await conn.execute("update tiers set token_limit = 1000 where name = 'free'")
+    runner = runner_for(services, mock_response="short answer")
+    outcome, _ = await collect(runner, request(user, history=LONG_HISTORY))
+    assert outcome.kind == "answered", outcome.notice
+    assert "oldest 6 messages were left out" in outcome.notice
+    assert outcome.history[0]["content"] == "hello there" and outcome.trimmed == 6
+    await outcome.settled
+    row = await conn.fetchrow("select messages, additional_details from request_logs")
+    assert '"trimmed_messages": 6' in row["additional_details"]
+    assert "turn 0" not in row["messages"]
+    assert await conn.fetchval("select used from usage_counters") <= 1000
+    assert await conn.fetch("select * from vtai_verify_counters()") == []
+
+
+async def test_a_message_larger_than_the_quota_left_is_refused_as_such(services, conn):
+    user = await add_user(conn)
+    await conn.execute("update tiers set token_limit = 100 where name = 'free'")
+    runner = runner_for(services, mock_response="x")
+    outcome, _ = await collect(runner, request(user, "a question " * 20, history=LONG_HISTORY))
+    assert outcome.kind == "refused"
+    assert outcome.notice.startswith("Your message is larger than the quota you have left")
+    assert "100 left" in outcome.notice
+
+
+def test_the_refusal_says_whether_the_message_or_the_chat_is_too_long():
+    from vtai.gate import Grant
+    from vtai.turn import refusal_text
+
+    grant = Grant(False, "prompt_exceeds_quota", tier="free", token_limit=10_000, used=9_500)
+    chat = refusal_text(grant, "month", message_tokens=120)
+    assert chat.startswith("This conversation is too long for the 500 tokens left in your quota")
+    message = refusal_text(grant, "month", message_tokens=600)
+    assert message.startswith("Your message is larger than the quota you have left")
+    assert "9,500 of 10,000 tokens used this month on the free tier" in chat

@@ -339,7 +339,10 @@ async def log_page(
     rows = await pool.fetch(
         f"""
         select r.id, r.created_at, p.username, r.end_user, r.model, r.provider, r.status,
-               r.prompt_tokens, r.completion_tokens, r.total_tokens, r.total_cost,
+               r.prompt_tokens, r.completion_tokens, r.total_tokens,
+               -- null: the model has no price in LiteLLM's map, so the cost is unknown
+               case when r.additional_details @> '{{"cost_unknown": true}}' then null
+                    else r.total_cost end as total_cost,
                r.response_time,
                coalesce((r.error ->> 'class') || ': ' || left(r.error ->> 'message', 200),
                         r.additional_details ->> 'reason') as error
@@ -372,6 +375,12 @@ def _cell(value) -> str:
     return text
 
 
+def _csv_cell(row: dict, column: str) -> str:
+    if column == "total_cost" and row[column] is None:
+        return "unknown"  # not in LiteLLM's price map: never shown as a cost of 0
+    return _cell(row[column])
+
+
 async def csv_rows(pool: asyncpg.Pool, f: LogFilter) -> AsyncIterator[str]:
     """The filtered rows as CSV text, a keyset batch at a time (no long-held transaction)."""
     buf = io.StringIO()
@@ -381,7 +390,7 @@ async def csv_rows(pool: asyncpg.Pool, f: LogFilter) -> AsyncIterator[str]:
     while True:
         page = await log_page(pool, f, cursor, CSV_BATCH)
         for r in page["rows"]:
-            writer.writerow([_cell(r[c]) for c in CSV_COLUMNS])
+            writer.writerow([_csv_cell(r, c) for c in CSV_COLUMNS])
         yield buf.getvalue()
         buf.seek(0)
         buf.truncate()

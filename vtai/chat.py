@@ -95,6 +95,27 @@ async def _quota_line() -> str:
     return quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
 
 
+# How long the quota line waits for the turn's row to be settled before it says nothing.
+SETTLE_WAIT = 10.0
+
+
+async def _settled_quota_line(outcome) -> str | None:
+    """The quota line under an answer: what the ledger holds once this turn's row is settled,
+    read after the last token (never before it). None if the row or the read takes too long."""
+    if outcome.settled is None or not (outcome.grant and outcome.grant.tier):
+        return None
+    try:
+        await asyncio.wait_for(asyncio.shield(outcome.settled), SETTLE_WAIT)
+        usage = await services().gate.usage(_user_id())
+    except Exception as exc:
+        # Late, spooled or unreadable: no line rather than a wrong one.
+        log.warning("quota line skipped (%s)", type(exc).__name__)
+        return None
+    if usage is None:
+        return None
+    return quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
+
+
 async def start(past: list[dict] | None = None, model: str | None = None) -> None:
     s = services()
     offered = s.runner.offered()
@@ -217,12 +238,10 @@ async def run_turn(text: str, oversize: dict | None = None) -> None:
         reply.metadata = {"vtai_call_id": outcome.call_id}
     cl.user_session.set("history", outcome.history)
     if outcome.kind == "answered":
-        grant, used = outcome.grant, outcome.usage.get("total_tokens", 0)
         if outcome.notice:
             reply.content = f"{reply.content}\n\n*{outcome.notice}*"
-        if grant and grant.tier:
-            # Display only: the counter itself is settled by the ledger write.
-            line = quota.describe(grant.tier, grant.used + used, grant.token_limit, grant.resets_at)
+        line = await _settled_quota_line(outcome)
+        if line:
             reply.content = f"{reply.content}\n\n---\n*{line}*"
         await reply.send()
         return

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Grant:
     granted: bool
-    # granted | quota_exhausted | prompt_exceeds_quota | unknown_user | unavailable | open
+    # granted | quota_exhausted | prompt_exceeds_quota | unknown_user | unavailable | open,
+    # or error: the reserve failed for another reason than an unreachable database
     reason: str
     reservation_id: uuid.UUID | None = None
     max_tokens: int = 0
@@ -67,12 +68,15 @@ def when_unavailable(
     max_completion: int,
     unavailable: Callable[[BaseException], bool] = is_unavailable,
 ) -> Grant:
-    """The configured policy for any failure of the usage service, never a crash:
-    closed refuses, open answers and is charged when the spooled row is replayed."""
-    if unavailable(exc):
-        log.warning("usage service unavailable (%s); gate is %s", type(exc).__name__, fail_mode)
-    else:
-        log.error("usage gate failed (%s: %s); gate is %s", type(exc).__name__, exc, fail_mode)
+    """A reserve that raised, as a grant, never a crash. Only a usage service that can't be
+    reached (`unavailable`: connection errors, timeouts) follows VTAI_GATE_FAIL_MODE: closed
+    refuses, open answers and is charged when the spooled row is replayed. Anything else is a
+    fault (a bug, a schema that doesn't match, a bad answer): the turn is refused whatever the
+    fail mode, and the error is logged with its traceback."""
+    if not unavailable(exc):
+        log.error("usage gate failed; the turn is refused", exc_info=exc)
+        return Grant(False, "error")
+    log.warning("usage service unavailable (%s); gate is %s", type(exc).__name__, fail_mode)
     if fail_mode == "open":
         return Grant(True, "open", max_tokens=max_completion)
     return Grant(False, "unavailable")
@@ -111,9 +115,9 @@ class Gate:
                 now,
                 timeout=self.timeout,
             )
+            return Grant(**dict(row))
         except Exception as exc:
             return when_unavailable(exc, self.fail_mode, max_completion)
-        return Grant(**dict(row))
 
     async def release(self, reservation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
         """Give back a reservation no turn will use; if this fails, its TTL gives it back."""

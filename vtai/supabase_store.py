@@ -129,13 +129,14 @@ class SupabaseStore:
         try:
             rows = await self._rpc("vtai_reserve", params)
             row = dict(rows[0])
+            if row.get("reservation_id"):
+                row["reservation_id"] = uuid.UUID(row["reservation_id"])
+            for key in ("period_start", "resets_at"):
+                row[key] = _datetime(row.get(key))
+            return Grant(**row)
         except Exception as exc:
+            # Only an unreachable API follows the fail mode; anything else refuses the turn.
             return when_unavailable(exc, self.fail_mode, max_completion, is_unavailable)
-        if row.get("reservation_id"):
-            row["reservation_id"] = uuid.UUID(row["reservation_id"])
-        for key in ("period_start", "resets_at"):
-            row[key] = _datetime(row.get(key))
-        return Grant(**row)
 
     async def release(self, reservation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
         """Give back a reservation no turn will use; if this fails, its TTL gives it back."""

@@ -14,6 +14,7 @@ every turn:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -273,17 +274,78 @@ MESSAGES_KEPT = 8192
 _local = _LocalCounter()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rates:
+    """USD per token, as LiteLLM's price map has them for one model."""
+
+    prompt: float
+    cached: float  # a prompt token read from the provider's cache
+    completion: float
+    reasoning: float  # a completion token spent reasoning
+    # Prices that change with the call's size (`*_above_128k_tokens` and the like): every
+    # call is then priced by LiteLLM itself.
+    tiered: bool
+
+
+_FREE = _Rates(0.0, 0.0, 0.0, 0.0, tiered=False)
+
+
+def _litellm_cost(model: str, prompt: int, completion: int, cached: int, reasoning: int) -> float:
+    from litellm.types.utils import CompletionTokensDetailsWrapper, PromptTokensDetailsWrapper
+
+    usage = litellm.Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetailsWrapper(cached_tokens=cached),
+        completion_tokens_details=CompletionTokensDetailsWrapper(reasoning_tokens=reasoning),
+    )
+    return sum(litellm.cost_per_token(model=model, usage_object=usage))
+
+
 @functools.lru_cache(maxsize=256)
-def _prices(model: str) -> tuple[float, float]:
+def _rates(model: str) -> _Rates | None:
+    if is_exact(model):
+        return _FREE  # the local model runs here
     try:
-        per_prompt = litellm.cost_per_token(model=model, prompt_tokens=1, completion_tokens=0)
-        per_completion = litellm.cost_per_token(model=model, prompt_tokens=0, completion_tokens=1)
+        info = litellm.get_model_info(model)
+        rates = _Rates(
+            prompt=_litellm_cost(model, 1, 0, 0, 0),
+            cached=_litellm_cost(model, 1, 0, 1, 0),
+            completion=_litellm_cost(model, 0, 1, 0, 0),
+            reasoning=_litellm_cost(model, 0, 1, 0, 1),
+            tiered=any("_above_" in key and value for key, value in info.items()),
+        )
     except Exception:
-        return 0.0, 0.0
-    return per_prompt[0], per_completion[1]
+        return None  # not in LiteLLM's price map
+    return rates
 
 
-def cost(model: str, prompt_tokens: int, completion_tokens: int) -> float:
-    """Linear list price; a fallback only, where LiteLLM's own response cost is not at hand."""
-    per_prompt, per_completion = _prices(model)
-    return per_prompt * prompt_tokens + per_completion * completion_tokens
+def cost(
+    model: str, prompt_tokens: int, completion_tokens: int, cached: int = 0, reasoning: int = 0
+) -> float | None:
+    """The list price in USD of one call's usage, by LiteLLM's price map, the way LiteLLM
+    prices a response: `cached` of the prompt tokens at the cache-read rate and `reasoning` of
+    the completion tokens at the reasoning rate. None when the model has no price there: the
+    cost is unknown, never a silent 0. The local model costs 0.
+
+    Per-model rates are asked of LiteLLM once (a LiteLLM pricing call is ~0.25 ms, on the
+    answer's path); a model whose prices depend on the call's size is priced by LiteLLM
+    every time."""
+    rates = _rates(model)
+    if rates is None:
+        return None
+    if rates.tiered:
+        try:
+            return _litellm_cost(model, prompt_tokens, completion_tokens, cached, reasoning)
+        except Exception:
+            log.warning("pricing %s failed", model, exc_info=True)
+            return None
+    cached = min(max(cached, 0), prompt_tokens)
+    reasoning = min(max(reasoning, 0), completion_tokens)
+    return (
+        rates.prompt * (prompt_tokens - cached)
+        + rates.cached * cached
+        + rates.completion * (completion_tokens - reasoning)
+        + rates.reasoning * reasoning
+    )

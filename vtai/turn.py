@@ -1,8 +1,9 @@
 """One chat turn: check the input, fit the context, reserve, stream the model, account.
 
-The success row is written by the LiteLLM callback (vtai.callback) after the reply is done.
-This module writes the rows LiteLLM can't see the right way: refusals, which never reach a
-model, and failed or stopped streams, which are charged for the tokens that were produced.
+Every row is built by vtai.rows. An answered turn's full row is written by the LiteLLM
+callback (vtai.callback) after the reply is done; this module writes the rows LiteLLM can't
+see the right way: refusals, which never reach a model, and failed or stopped calls, charged
+for the tokens that were produced. The two meet in one place, vtai.rows.OpenCalls.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import litellm
 
-from vtai import errors, models, tokens
-from vtai.callback import META_KEY, CallNotes, estimate_tokens
-from vtai.content import content_for_log, redact_secrets
+from vtai import errors, models, rows, tokens
 from vtai.gate import Gate, Grant
 from vtai.ledger import Ledger, sanitize
 from vtai.next_turn import NEW_MESSAGE, NextTurn
+from vtai.rows import META_KEY, Facts, OpenCall, OpenCalls, Tokens
 from vtai.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,19 @@ MIN_COMPLETION = 16
 # Reserve a little more than LiteLLM's count: providers tokenize prompts their own way.
 # LiteLLM's counter runs 10-17% under SmolLM2's tokenizer, for one.
 PROMPT_MARGIN = 1.25
+
+# Retries (docs/metering.md, "Retries and the deadline"): LiteLLM and the provider's SDK retry
+# nothing (num_retries=0, max_retries=0). VT.ai retries a request that failed before its answer
+# began, at most RETRIES times, only on a provider's server error (5xx) or a failed connection,
+# after RETRY_DELAY seconds, and only while the turn is within VTAI_REQUEST_TIMEOUT of its first
+# request. A rate limit, a timeout or a refused request is not retried.
+RETRIES = 1
+RETRY_DELAY = 0.5
+RETRY_STATUS = frozenset({500, 502, 503, 504})
+# An answered turn's background task waits this long for LiteLLM's success hook to write the
+# full row (LiteLLM's logging worker gives a hook 20 s); then the row held at the answer is
+# recorded instead.
+HOOK_WAIT = 60.0
 
 
 @dataclass
@@ -61,6 +73,9 @@ class TurnOutcome:
     usage: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     trimmed: int = 0
+    # Done once the turn's row is recorded (in the database, or spooled): what the quota line
+    # waits for before it reads the counter. None when the turn wrote no row.
+    settled: Awaitable | None = None
 
 
 def count_prompt(model: str, messages: list[dict]) -> int:
@@ -89,9 +104,14 @@ def charged_prompt(model: str, messages: list[dict]) -> int:
 
 
 def fit_context(
-    model: str, history: list[dict], message: dict, window: int
+    model: str,
+    history: list[dict],
+    message: dict,
+    room: int,
+    measure: Callable[[str, list[dict]], int] = count_prompt,
 ) -> tuple[list[dict], int, int]:
-    """Drop the oldest turns until the prompt leaves room for an answer.
+    """Drop the oldest turns until the prompt, as `measure` sizes it, leaves room for an
+    answer in `room` tokens (the model's context window, or the quota left).
 
     Returns (messages, prompt_tokens, dropped_messages); messages is empty if even the new
     message alone does not fit.
@@ -99,8 +119,8 @@ def fit_context(
     kept = list(history)
     while True:
         messages = [*kept, message]
-        counted = count_prompt(model, messages)
-        if counted + MIN_COMPLETION <= window:
+        counted = measure(model, messages)
+        if counted + MIN_COMPLETION <= room:
             return messages, counted, len(history) - len(kept)
         if not kept:
             return [], counted, len(history)
@@ -108,23 +128,60 @@ def fit_context(
         kept = kept[2:] if len(kept) >= 2 else []
 
 
-def refusal_text(grant: Grant, period: str) -> str:
+def refusal_text(grant: Grant, period: str, message_tokens: int | None = None) -> str:
+    """The refusal's one line. `message_tokens`: the new message alone, as reserved, for a
+    prompt that did not fit what is left (it says whether the message or the chat is too
+    long)."""
     if grant.reason == "unavailable":
         return "The usage service is unavailable, so no answer was sent: try again shortly."
+    if grant.reason == "error":
+        return (
+            "Your quota could not be checked because of an error on the server, so no answer "
+            "was sent: try again, and tell the administrator if it keeps happening."
+        )
     if grant.reason == "unknown_user":
         return "Your account no longer exists: sign in again or ask the administrator."
     resets = grant.resets_at.strftime("%Y-%m-%d %H:%M UTC") if grant.resets_at else "never"
     used = f"{grant.used + grant.reserved:,}"
     limit = f"{grant.token_limit:,}" if grant.token_limit is not None else "unlimited"
-    head = (
-        "Your message is larger than the quota you have left"
-        if grant.reason == "prompt_exceeds_quota"
-        else "You have used your token quota"
-    )
+    left = grant.remaining or 0
+    if grant.reason != "prompt_exceeds_quota":
+        head = "You have used your token quota"
+    elif message_tokens is not None and message_tokens + MIN_COMPLETION <= left:
+        head = (
+            f"This conversation is too long for the {left:,} tokens left in your quota: "
+            "start a new chat to go on"
+        )
+    else:
+        head = (
+            f"Your message is larger than the quota you have left (about {message_tokens:,} "
+            f"tokens with its answer's minimum; {left:,} left): shorten it"
+            if message_tokens is not None
+            else "Your message is larger than the quota you have left"
+        )
     return (
-        f"{head}: {used} of {limit} tokens this {period} on the {grant.tier} tier. "
-        f"It resets {resets}. For more, ask the administrator to move you to a higher tier."
+        f"{head}. {used} of {limit} tokens used this {period} on the {grant.tier} tier; "
+        f"it resets {resets}. For more, ask the administrator to move you to a higher tier."
     )
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A provider's server error or a connection that failed: worth one more request. Not a
+    timeout (the turn's time is spent), a rate limit, or a request the provider refused."""
+    if isinstance(exc, litellm.Timeout):
+        return False
+    if isinstance(exc, litellm.APIConnectionError):
+        return True
+    return getattr(exc, "status_code", None) in RETRY_STATUS
+
+
+def _as_timeout(exc: BaseException, model: str, timeout: float) -> BaseException:
+    """The deadline's own TimeoutError as LiteLLM's Timeout, as the user's line expects."""
+    if isinstance(exc, TimeoutError) and not isinstance(exc, litellm.Timeout):
+        return litellm.Timeout(
+            message=f"no answer within {timeout:.0f} s", model=model, llm_provider=""
+        )
+    return exc
 
 
 async def _close(stream) -> None:
@@ -139,7 +196,7 @@ class TurnRunner:
         self,
         gate: Gate,
         ledger: Ledger,
-        notes: CallNotes,
+        calls: OpenCalls,
         settings: Settings,
         call_options: dict | None = None,
     ):
@@ -147,36 +204,54 @@ class TurnRunner:
         self.call_options = call_options or {}
         self.gate = gate
         self.ledger = ledger
-        self.notes = notes
+        # shared with the LiteLLM callback: which of the two writes a call's row
+        self.calls = calls
         self.settings = settings
         self._background: set[asyncio.Task] = set()
         self._holders: weakref.WeakSet[NextTurn] = weakref.WeakSet()
 
-    def _in_background(self, work: Awaitable) -> None:
+    def _in_background(self, work: Awaitable) -> asyncio.Future:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
-    def _later(self, row: dict) -> None:
-        """Record off the reply's path: on disk before the turn returns, in the DB soon after."""
+    def _later(self, row: dict, call: OpenCall | None = None) -> Awaitable:
+        """Record off the reply's path: on disk before the turn returns, in the DB soon after.
+        Returns what is done once the row is recorded."""
         held = self.ledger.hold(row)
-        self._in_background(self.ledger.record(row, held))
 
-    async def _finish_stream(self, stream, call_id: str) -> None:
+        def write() -> Awaitable[bool | None]:
+            return self.ledger.record(row, held)
+
+        if call is None:
+            return self._in_background(write())
+        self._in_background(call.record(write))
+        return call.settled
+
+    async def _finish_stream(self, stream, call: OpenCall) -> None:
         """The rest of an answered stream: LiteLLM finishes it and runs its success hooks, and
-        the callback writes the turn's full row. If that end fails, the row held on disk when
-        the answer came is the record instead (a write is idempotent on the call id)."""
+        the callback writes the turn's full row. If that end fails, or the hook never comes,
+        the row held on disk when the answer came is the record instead (a write is
+        idempotent on the call id)."""
+        call_id = call.facts.call_id
         try:
             async for _chunk in stream:
                 pass
         except Exception as exc:
             log.warning("the end of call %s's stream failed (%s)", call_id, type(exc).__name__)
-            held = self.notes.provisional.pop(call_id, None)
-            if held is not None:
-                self.notes.claimed.add(call_id)
-                await self.ledger.record(held.row, held)
+        else:
+            try:
+                await asyncio.wait_for(asyncio.shield(call.settled), HOOK_WAIT)
+            except TimeoutError:
+                log.warning("no success hook for call %s in %.0f s", call_id, HOOK_WAIT)
+            except Exception:
+                pass  # the hook's write failed: it logged why, and the row is on disk
         finally:
             await _close(stream)
+        if self.calls.take(call_id) is not None and call.provisional is not None:
+            held = call.provisional
+            await call.record(lambda: self.ledger.record(held.row, held))
 
     def next_turn(self) -> NextTurn | None:
         """A new chat's holder of reservations taken ahead, if VTAI_RESERVE_AHEAD is on."""
@@ -222,53 +297,123 @@ class TurnRunner:
                 return grant
         return await self.gate.reserve(req.user_id, prompt_tokens, budget)
 
+    async def _reserve_fitted(
+        self, req: TurnRequest, messages: list[dict], prompt_tokens: int, window: int
+    ) -> tuple[Grant, list[dict], int, int]:
+        """Reserve for the prompt and an answer. If the prompt does not fit the quota left,
+        drop the oldest turns until it does, sized from the refusal's own figures, and ask
+        once more: the database still decides, atomically (vtai_reserve).
+
+        Returns (grant, messages, prompt_tokens, messages dropped to fit the quota)."""
+        budget = min(self.settings.max_tokens, window - prompt_tokens)
+        grant = await self._reserve(req, reserve_prompt(req.model, messages, prompt_tokens), budget)
+        if grant.granted or grant.reason != "prompt_exceeds_quota" or len(messages) < 2:
+            return grant, messages, prompt_tokens, 0
+        left = grant.remaining or 0
+        fitted, _, dropped = fit_context(
+            req.model, messages[:-1], messages[-1], left, reserve_prompt
+        )
+        if not fitted:
+            return grant, messages, prompt_tokens, 0
+        counted = count_prompt(req.model, fitted)
+        budget = min(self.settings.max_tokens, window - counted)
+        retry = await self.gate.reserve(
+            req.user_id, reserve_prompt(req.model, fitted, counted), budget
+        )
+        if not retry.granted:
+            return retry, messages, prompt_tokens, 0
+        return retry, fitted, counted, dropped
+
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    def _row(
-        self,
-        req: TurnRequest,
-        call_id: str,
-        status: str,
-        grant: Grant | None,
-        messages: list[dict],
-        **extra,
-    ) -> dict:
-        details = {
-            "tier": grant.tier if grant else None,
-            "max_tokens": grant.max_tokens if grant else 0,
-            **extra.pop("details", {}),
-        }
-        return {
-            "litellm_call_id": call_id,
-            "created_at": datetime.now(UTC).isoformat(),
-            "end_user": str(req.user_id),
-            "session_id": req.session_id,
-            "model": req.model,
-            "status": status,
-            "reservation_id": str(grant.reservation_id) if grant and grant.reservation_id else None,
-            "period_start": grant.period_start.isoformat()
-            if grant and grant.period_start
-            else None,
-            "messages": content_for_log(messages, self.settings.log_content),
-            "additional_details": details,
-            **extra,
-        }
+    def _facts(
+        self, req: TurnRequest, call_id: str, grant: Grant | None, trimmed: int = 0
+    ) -> Facts:
+        return Facts(
+            call_id=call_id,
+            user_id=str(req.user_id),
+            session_id=req.session_id,
+            model=req.model,
+            provider=rows.provider_of(req.model),
+            tier=grant.tier if grant else None,
+            max_tokens=grant.max_tokens if grant else 0,
+            reservation_id=str(grant.reservation_id) if grant and grant.reservation_id else None,
+            period_start=grant.period_start.isoformat() if grant and grant.period_start else None,
+            trimmed=trimmed,
+        )
 
     def offered(self) -> list[str]:
         """The models this server runs for a user: the chat's picker list, checked per turn."""
         return models.available_models(self.settings.model)
 
     def _refuse(
-        self, req: TurnRequest, call_id: str, notice: str, grant: Grant | None, **details
+        self,
+        req: TurnRequest,
+        call_id: str,
+        notice: str,
+        grant: Grant | None,
+        messages: list[dict] | None = None,
+        **details,
     ) -> TurnOutcome:
         """A turn that never reaches a model: one line for the user and a row, charged 0."""
-        messages = [] if req.oversize else [{"role": "user", "content": req.text}]
-        self._later(self._row(req, call_id, "refused", grant, messages, details=details))
-        return TurnOutcome(
-            "refused", notice=notice, grant=grant, call_id=call_id, history=req.history
+        if messages is None:
+            messages = [] if req.oversize else [{"role": "user", "content": req.text}]
+        row = rows.build(
+            self._facts(req, call_id, grant),
+            "refused",
+            self.settings.log_content,
+            messages=messages,
+            details=details,
         )
+        return TurnOutcome(
+            "refused",
+            notice=notice,
+            grant=grant,
+            call_id=call_id,
+            history=req.history,
+            settled=self._later(row),
+        )
+
+    async def _open_stream(self, req: TurnRequest, messages: list[dict], call: OpenCall):
+        """The provider's stream, under the retry policy (RETRIES above)."""
+        options = {
+            "num_retries": 0,
+            "max_retries": 0,
+            "timeout": self.settings.request_timeout,
+            **self.call_options,
+        }
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.request_timeout
+        attempt = 0
+        while True:
+            try:
+                return await litellm.acompletion(
+                    model=req.model,
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    max_tokens=call.facts.max_tokens,
+                    litellm_call_id=call.facts.call_id,
+                    metadata={META_KEY: call.facts.meta()},
+                    **options,
+                )
+            except Exception as exc:
+                attempt += 1
+                if (
+                    attempt > RETRIES
+                    or not is_retryable(exc)
+                    or loop.time() + RETRY_DELAY >= give_up
+                ):
+                    raise
+                log.info(
+                    "call %s: %s before the answer began; retry %d",
+                    call.facts.call_id,
+                    type(exc).__name__,
+                    attempt,
+                )
+            await asyncio.sleep(RETRY_DELAY)
 
     async def run(
         self, req: TurnRequest, on_token: Callable[[str], Awaitable[None]]
@@ -316,41 +461,37 @@ class TurnRunner:
                 prompt_tokens_estimate=prompt_tokens,
             )
 
-        budget = min(self.settings.max_tokens, window - prompt_tokens)
-        reserved_prompt = reserve_prompt(req.model, messages, prompt_tokens)
-        grant = await self._reserve(req, reserved_prompt, budget)
+        grant, messages, prompt_tokens, over_quota = await self._reserve_fitted(
+            req, messages, prompt_tokens, window
+        )
         if not grant.granted:
-            self._later(
-                self._row(
-                    req, call_id, "refused", grant, messages, details={"reason": grant.reason}
-                )
-            )
-            return TurnOutcome(
-                "refused",
-                notice=refusal_text(grant, self.settings.usage_period),
-                grant=grant,
-                call_id=call_id,
-                history=req.history,
+            alone = None
+            if grant.reason == "prompt_exceeds_quota":
+                alone = reserve_prompt(req.model, [message])
+            return self._refuse(
+                req,
+                call_id,
+                refusal_text(grant, self.settings.usage_period, alone),
+                grant,
+                messages,
+                reason=grant.reason,
             )
 
+        dropped += over_quota
         notice = None
-        if dropped:
+        if over_quota:
+            notice = (
+                f"To fit the tokens you have left this {self.settings.usage_period}, the "
+                f"oldest {dropped} messages were left out of this answer."
+            )
+        elif dropped:
             notice = (
                 f"The conversation outgrew {req.model}'s context, so the oldest "
                 f"{dropped} messages were left out of this answer."
             )
-        facts = {
-            "user_id": str(req.user_id),
-            "session_id": req.session_id,
-            "tier": grant.tier,
-            "model": req.model,
-            "max_tokens": grant.max_tokens,
-            "reservation_id": str(grant.reservation_id) if grant.reservation_id else None,
-            "period_start": grant.period_start.isoformat() if grant.period_start else None,
-            "trimmed": dropped,
-        }
+        call = self.calls.open(self._facts(req, call_id, grant, dropped))
         parts: list[str] = []
-        usage: dict = {}
+        usage: Tokens | None = None
         finish = None
         stream = None
         # sent: the prompt may have reached the provider, which bills it if it is processed
@@ -358,52 +499,43 @@ class TurnRunner:
         # by the provider (a bad key, a rate limit, an error status) and is not billed.
         sent = False
         complete = False
+        started = asyncio.get_running_loop().time()
         try:
             sent = True
-            stream = await litellm.acompletion(
-                model=req.model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=grant.max_tokens,
-                timeout=self.settings.request_timeout,
-                litellm_call_id=call_id,
-                metadata={META_KEY: facts},
-                **self.call_options,
-            )
-            async for chunk in stream:
-                if getattr(chunk, "usage", None):
-                    usage = {
-                        "prompt_tokens": chunk.usage.prompt_tokens,
-                        "completion_tokens": chunk.usage.completion_tokens,
-                        "total_tokens": chunk.usage.total_tokens,
-                    }
-                if chunk.choices and chunk.choices[0].finish_reason:
-                    finish = chunk.choices[0].finish_reason
-                delta = chunk.choices[0].delta.content if chunk.choices else None
-                if delta:
-                    parts.append(delta)
-                    await on_token(delta)
-                if finish and usage:
-                    # The answer and its usage are in (the usage chunk comes last). LiteLLM's
-                    # end of stream, which runs its success hooks, comes after the reply is
-                    # returned: see _finish_stream.
-                    break
+            # From the first request to the answer's first chunk: VTAI_REQUEST_TIMEOUT in all.
+            async with asyncio.timeout(self.settings.request_timeout) as first_chunk:
+                stream = await self._open_stream(req, messages, call)
+                async for chunk in stream:
+                    first_chunk.reschedule(None)
+                    if getattr(chunk, "usage", None):
+                        usage = Tokens.from_usage(chunk.usage)
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finish = chunk.choices[0].finish_reason
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        parts.append(delta)
+                        await on_token(delta)
+                    if finish and usage:
+                        # The answer and its usage are in (the usage chunk comes last).
+                        # LiteLLM's end of stream, which runs its success hooks, comes after
+                        # the reply is returned: see _finish_stream.
+                        break
             # Synchronously, before LiteLLM's logging worker runs the success hook.
-            estimated = not any(getattr(c, "usage", None) for c in getattr(stream, "chunks", []))
-            if estimated:
-                self.notes.estimated.add(call_id)
-            self._hold_provisional(req, call_id, grant, messages, "".join(parts), usage, estimated)
+            call.estimated = not any(
+                getattr(c, "usage", None) for c in getattr(stream, "chunks", [])
+            )
+            self._hold_provisional(call, messages, "".join(parts), usage, started)
             complete = True
-            self._in_background(self._finish_stream(stream, call_id))
+            self._in_background(self._finish_stream(stream, call))
         except asyncio.CancelledError:
             # A stop or a client gone for good: charge what the provider bills, then let the
             # cancel through.
-            self._record_partial(req, call_id, grant, messages, parts, usage, None, sent)
+            self._record_partial(call, messages, parts, usage, None, sent, started)
             raise
         except Exception as exc:
+            exc = _as_timeout(exc, req.model, self.settings.request_timeout)
             accepted = stream is not None
-            self._record_partial(req, call_id, grant, messages, parts, usage, exc, accepted)
+            settled = self._record_partial(call, messages, parts, usage, exc, accepted, started)
             self.reserve_ahead(req.next_turn, req.user_id, req.model, req.history)
             return TurnOutcome(
                 "failed",
@@ -414,6 +546,7 @@ class TurnRunner:
                 grant=grant,
                 call_id=call_id,
                 history=req.history,
+                settled=settled,
             )
         finally:
             # Stops a local generation at once; a provider stream closes its connection.
@@ -435,98 +568,80 @@ class TurnRunner:
             notice=notice,
             grant=grant,
             call_id=call_id,
-            usage=usage,
+            usage={
+                "prompt_tokens": usage.prompt,
+                "completion_tokens": usage.completion,
+                "total_tokens": usage.total,
+            }
+            if usage
+            else {},
             history=history,
             trimmed=dropped,
+            settled=call.settled,
         )
 
     def _hold_provisional(
         self,
-        req: TurnRequest,
-        call_id: str,
-        grant: Grant,
+        call: OpenCall,
         messages: list[dict],
         reply: str,
-        usage: dict,
-        estimated: bool,
+        usage: Tokens | None,
+        started: float,
     ) -> None:
         """Put the answered turn's row on disk until LiteLLM's success hook records the full
-        one (and deletes this). If the process dies first, or the hook never runs, start-up
-        replays this row instead, so an answer that reached the user is always billed."""
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if prompt is None or completion is None:
-            prompt, completion = estimate_tokens(req.model, messages, reply)
-        self.notes.provisional[call_id] = self.ledger.hold(
-            self._row(
-                req,
-                call_id,
+        one (and drops this). If the process dies first, or the hook never runs, start-up
+        replays this row instead, so an answer that reached the user is always billed, at the
+        same price (cached tokens included) as the full row."""
+        if usage is None:
+            usage = rows.estimate(call.facts.model, messages, reply)
+        call.provisional = self.ledger.hold(
+            rows.build(
+                call.facts,
                 "success",
-                grant,
-                messages,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                total_tokens=prompt + completion,
-                total_cost=tokens.cost(req.model, prompt, completion),
-                response=content_for_log(reply, self.settings.log_content),
-                details={"provisional": True, "estimated": estimated},
+                self.settings.log_content,
+                usage=usage,
+                messages=messages,
+                response=reply,
+                response_time=asyncio.get_running_loop().time() - started,
+                details={"provisional": True},
             )
         )
 
     def _record_partial(
         self,
-        req: TurnRequest,
-        call_id: str,
-        grant: Grant,
+        call: OpenCall,
         messages: list[dict],
         parts: list[str],
-        usage: dict,
-        exc: Exception | None,
+        usage: Tokens | None,
+        exc: BaseException | None,
         sent: bool,
-    ) -> None:
-        """The row of a stopped, abandoned or failed stream, charged what the provider bills:
+        started: float,
+    ) -> Awaitable | None:
+        """The row of a stopped, abandoned or failed call, charged what the provider bills:
         its usage if the stream delivered it, else the prompt if `sent` (billed even when no
         token came) plus the tokens that streamed, counted by the model's tokenizer where it
         runs here (exact) and estimated otherwise."""
-        self.notes.claimed.add(call_id)
+        if self.calls.take(call.facts.call_id) is None:
+            return None  # its row is written already
+        model = call.facts.model
         produced = "".join(parts)
-        if usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
-            prompt, completion, estimated = (
-                usage["prompt_tokens"],
-                usage["completion_tokens"],
-                False,
-            )
-        else:
-            prompt = charged_prompt(req.model, messages) if sent else 0
-            completion = tokens.count_text(req.model, produced) if produced else 0
-            estimated = not tokens.is_exact(req.model)
-        error = None
-        if exc is not None:
-            error = {
-                "class": type(exc).__name__,
-                "code": str(getattr(exc, "status_code", "") or ""),
-                "message": redact_secrets(str(exc))[:2000],
-            }
-        self._later(
-            self._row(
-                req,
-                call_id,
-                "success" if exc is None else "failure",
-                grant,
-                messages,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                total_tokens=prompt + completion,
-                total_cost=tokens.cost(req.model, prompt, completion),
-                response=content_for_log(produced, self.settings.log_content) if produced else None,
-                error=error,
-                details={
-                    "estimated": estimated,
-                    "aborted": exc is None,
-                    "streamed_tokens": completion,
-                    "reservation_id": str(grant.reservation_id) if grant.reservation_id else None,
-                },
-            )
+        if usage is None:
+            prompt = charged_prompt(model, messages) if sent else 0
+            completion = tokens.count_text(model, produced) if produced else 0
+            counted = prompt + completion > 0
+            usage = Tokens(prompt, completion, estimated=counted and not tokens.is_exact(model))
+        row = rows.build(
+            call.facts,
+            "success" if exc is None else "failure",
+            self.settings.log_content,
+            usage=usage,
+            messages=messages,
+            response=produced,
+            error=rows.error_info(exc) if exc is not None else None,
+            response_time=asyncio.get_running_loop().time() - started,
+            details={"aborted": exc is None, "streamed_tokens": usage.completion},
         )
+        return self._later(row, call)
 
 
 def oversize(text: str) -> dict:

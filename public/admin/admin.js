@@ -218,7 +218,7 @@ async function loadLogs(page) {
     cell(tr, r.status);
     cell(tr, num(r.prompt_tokens), "num");
     cell(tr, num(r.completion_tokens), "num");
-    cell(tr, usd(r.total_cost), "num");
+    cell(tr, r.total_cost === null ? "unknown" : usd(r.total_cost), "num");
     cell(tr, r.response_time === null ? "" : Number(r.response_time).toFixed(2), "num");
     cell(tr, r.error || "", "wrap");
     body.appendChild(tr);
