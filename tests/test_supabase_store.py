@@ -87,9 +87,10 @@ async def test_user_level_keys_are_refused_by_the_grants(rest, conn, role):
         assert err.value.code == "42501"
         with pytest.raises(APIError):
             await store.usage(user.id)
-        # The gate's fail mode still applies: a misconfigured key is not a crash.
+        # A key the database refuses is a misconfiguration, not an outage: the turn is
+        # refused whatever the fail mode, and the error is logged.
         grant = await store.reserve(user.id, 1, 1)
-        assert grant.reason == "open"
+        assert not grant.granted and grant.reason == "error"
     finally:
         await store.close()
     assert await conn.fetchval("select count(*) from request_logs") == 0
@@ -99,7 +100,7 @@ async def test_forged_token_is_rejected(rest, conn):
     user = await add_user(conn)
     store = await SupabaseStore.connect(rest.url, token("service_role", secret="x" * 40))
     try:
-        assert (await store.reserve(user.id, 1, 1)).reason == "unavailable"
+        assert (await store.reserve(user.id, 1, 1)).reason == "error"
         with pytest.raises(APIError) as err:
             await store.record({"litellm_call_id": "x", "end_user": user.id, "status": "success"})
         assert err.value.code == "PGRST301"

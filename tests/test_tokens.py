@@ -180,4 +180,4 @@ def test_fallback_cost_is_the_list_price():
     )
     assert tokens.cost("gpt-4o-mini", 1000, 500) == pytest.approx(expected)
     assert tokens.cost(LOCAL_MODEL_ID, 1000, 500) == 0.0
-    assert tokens.cost("no-such/model", 10, 10) == 0.0
+    assert tokens.cost("no-such/model", 10, 10) is None  # unknown, never a silent zero

@@ -1,6 +1,6 @@
-"""track_usage: reserve tokens against the user's tier limit before a model call.
+"""The gate: reserve tokens against the user's tier limit before a model call.
 
-All arithmetic happens in `vtai_reserve()` (supabase/migrations/*_metering.sql), in one
+All arithmetic happens in `vtai_reserve()` (supabase/migrations/*_baseline.sql), in one
 statement; this module only calls it and decides what to do when the database is down.
 """
 

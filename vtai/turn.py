@@ -346,7 +346,7 @@ class TurnRunner:
 
     def offered(self) -> list[str]:
         """The models this server runs for a user: the chat's picker list, checked per turn."""
-        return models.available_models(self.settings.model)
+        return models.available_models(self.settings.model, settings=self.settings)
 
     def _refuse(
         self,
