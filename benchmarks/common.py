@@ -127,7 +127,7 @@ async def database(url: str | None):
         await add_bench_tier(url)
         yield url
         return
-    from vtai import embedded_pg
+    from vtai.db import embedded as embedded_pg
 
     with tempfile.TemporaryDirectory(prefix="vtai-bench-") as tmp:
         server = await asyncio.to_thread(embedded_pg.start, Path(tmp))

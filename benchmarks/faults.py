@@ -31,13 +31,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import asyncpg  # noqa: E402
 
 from tests.conftest import build_template, create_database, make_settings  # noqa: E402
+from tests.db.test_embedded import kill_postmaster  # noqa: E402
 from tests.fake_provider import FakeProvider  # noqa: E402
 from tests.test_app_kill import kill_mid_burst, setup_users  # noqa: E402
-from tests.test_embedded_pg import kill_postmaster  # noqa: E402
 from vtai import embedded_pg  # noqa: E402
-from vtai.callback import estimate_tokens  # noqa: E402
+from vtai.metering.logger import estimate_tokens  # noqa: E402
+from vtai.metering.turn import TurnRequest, TurnRunner  # noqa: E402
 from vtai.services import Services  # noqa: E402
-from vtai.turn import TurnRequest, TurnRunner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "openai/fake"
@@ -157,7 +157,7 @@ async def settle(services: Services, runner: TurnRunner) -> None:
     await asyncio.sleep(2.0)
     await runner.drain()
     for _ in range(20):
-        await services.ledger.replay()
+        await services.ledger.replayer.replay()
         if not services.ledger.spool.status().waiting:
             return
         await asyncio.sleep(0.5)

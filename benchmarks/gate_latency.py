@@ -24,11 +24,11 @@ import asyncpg  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import ms, pct  # noqa: E402
-from vtai.db import Database  # noqa: E402
-from vtai.gate import Gate  # noqa: E402
-from vtai.ledger import Ledger  # noqa: E402
+from vtai.db.connection import Database  # noqa: E402
+from vtai.metering.gate import Gate  # noqa: E402
+from vtai.metering.ledger import Ledger  # noqa: E402
+from vtai.metering.spool import Spool  # noqa: E402
 from vtai.settings import Settings  # noqa: E402
-from vtai.spool import Spool  # noqa: E402
 
 PROMPT, COMPLETION = 120, 180
 COPY_BATCH = 100_000

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from vtai.ledger import Ledger  # noqa: E402
-from vtai.spool import Spool  # noqa: E402
+from vtai.metering.ledger import Ledger  # noqa: E402
+from vtai.metering.spool import Spool  # noqa: E402
 
 
 async def prepare(conn: asyncpg.Connection, users: list[uuid.UUID], n: int) -> list[str]:

@@ -41,11 +41,11 @@ HISTORY = [
 
 
 async def worker(db_url: str, sessions: int, max_tokens: int) -> dict:
-    from vtai import local_model
-    from vtai.models import LOCAL_MODEL_ID
+    from vtai.llm import local_model
+    from vtai.llm.models import LOCAL_MODEL_ID
+    from vtai.metering.turn import TurnRequest
     from vtai.services import Services
     from vtai.settings import Settings
-    from vtai.turn import TurnRequest
 
     rss = {"python + imports": common.rss_mib()}
     with common.data_dir() as tmp:

@@ -34,9 +34,9 @@ SMALL_TIER, SMALL_LIMIT = "bench_small", 400
 
 async def worker(db_url: str, plan: dict, seconds: float, data_dir: Path) -> dict:
     from tests.fake_provider import FakeProvider
+    from vtai.metering.turn import TurnRequest, TurnRunner
     from vtai.services import Services
     from vtai.settings import Settings
-    from vtai.turn import TurnRequest, TurnRunner
 
     provider = FakeProvider().start()
     settings = Settings(database_url=db_url, data_dir=data_dir, model="openai/fake")
@@ -76,7 +76,7 @@ async def worker(db_url: str, plan: dict, seconds: float, data_dir: Path) -> dic
         await services.flush()
         # Rows whose write failed or timed out went to the spool, which the app replays in the
         # background; this benchmark starts with replay off, so replay them here, and count.
-        spooled = await services.ledger.replay()
+        spooled = await services.ledger.replayer.replay()
     finally:
         await services.stop()
         provider.stop()
@@ -91,7 +91,7 @@ async def worker(db_url: str, plan: dict, seconds: float, data_dir: Path) -> dic
 async def warm_up(runner, api_base: str) -> None:
     import litellm
 
-    from vtai.turn import count_prompt
+    from vtai.metering.turn import count_prompt
 
     count_prompt("openai/fake", [{"role": "user", "content": "hello"}])
     await runner.gate.pool.fetchval("select 1")

@@ -134,7 +134,7 @@ def document(facts: dict, command: str, sections: list[tuple[common.Section, str
 
 DESIGN = """## What makes the meter fast, and what it costs
 
-1. **Batched ledger writes** (`20261122000700_batch_ledger.sql`, `vtai/ledger.py`).
+1. **Batched ledger writes** (`20261122000700_batch_ledger.sql`, `vtai/metering/ledger.py`).
    `vtai_record_batch` is the one definition of a ledger write (`vtai_record` is a one-row
    batch). The app's `Ledger` queues rows and sends whatever arrived while the previous batch
    was being written: a quiet app writes each row at once, a busy one pays one transaction
@@ -145,14 +145,14 @@ DESIGN = """## What makes the meter fast, and what it costs
    over the inserted rows: one upsert per bucket per batch instead of two per row. Three
    ledger indexes are gone: two were prefixes of the keyset indexes, one served no query.
 3. **Rows in flight cost a write, not a file.** Each process keeps one append-only journal
-   (`vtai/inflight.py`): a hold is one line, a batch's release one more. Creating and
+   (`vtai/metering/journal.py`): a hold is one line, a batch's release one more. Creating and
    removing a file per row cost 40 us on the project's disk and 1 ms in `/tmp` here.
 4. **The gate's common path is shorter.** `vtai_reserve` locks the counter with one SELECT
    (inserting it only in a user's first turn of a period) and probes an index before it
    looks for expired reservations. The gate has its own connection pool, so a reserve never
    waits behind ledger writes for a connection, and the pools skip asyncpg's reset query,
    a round trip on every release (an open transaction is still rolled back).
-5. **Token counts are cached per message** (`vtai/tokens.py`), equal to LiteLLM's
+5. **Token counts are cached per message** (`vtai/llm/tokens.py`), equal to LiteLLM's
    `token_counter`, which costs 0.1-0.3 ms per call and used to run over the whole history
    on every turn.
 6. **`VTAI_RESERVE_COMMIT=fast` is an option, not the default.** With it the gate's
@@ -163,7 +163,7 @@ DESIGN = """## What makes the meter fast, and what it costs
    same quota, so the user can end above the limit by at most what the lost reservations
    held. The default keeps the limit exact across crashes and pays one WAL flush per turn,
    which is the "commit floor" the gate table measures on this disk.
-7. **The gate is off the reply's path** (`vtai/next_turn.py`, `VTAI_RESERVE_AHEAD=on`). A
+7. **The gate is off the reply's path** (`vtai/metering/ahead.py`, `VTAI_RESERVE_AHEAD=on`). A
    chat reserves its next turn when it opens and right after each answer, while the user
    reads and types; the turn then spends that reservation with no round trip. It is the same
    atomic `vtai_reserve`, released by `vtai_release` when the chat closes, so the limit holds
@@ -172,7 +172,7 @@ DESIGN = """## What makes the meter fast, and what it costs
    turn holds its row on disk and returns, and LiteLLM's end of stream (its success hooks,
    which write the full row) runs in the background. If that end fails, the held row is
    recorded instead.
-9. **LiteLLM builds a finished stream once** (`vtai/litellm_stream_end.py`). With usage in
+9. **LiteLLM builds a finished stream once** (`vtai/llm/stream_end.py`). With usage in
    the stream, which exact billing needs, LiteLLM 1.106.2 runs `stream_chunk_builder` over
    the whole answer twice, about 1 ms plus 0.06 ms per chunk each time, in a worker thread.
    A start-up patch, applied only to that release, returns the first build the second time
@@ -196,7 +196,7 @@ async def main() -> None:
         sections = await run(args.server_url, plan, names)
         facts = await common.machine(args.server_url)
     else:
-        from vtai import embedded_pg
+        from vtai.db import embedded as embedded_pg
 
         with tempfile.TemporaryDirectory(prefix="vtai-bench-") as tmp:
             server = await asyncio.to_thread(embedded_pg.start, Path(tmp))

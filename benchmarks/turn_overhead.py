@@ -39,12 +39,12 @@ import litellm  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.common import ms, pct  # noqa: E402
 from vtai import litellm_stream_end  # noqa: E402
-from vtai.db import Database  # noqa: E402
-from vtai.gate import Gate  # noqa: E402
-from vtai.next_turn import NextTurn  # noqa: E402
+from vtai.db.connection import Database  # noqa: E402
+from vtai.metering.ahead import NextTurn  # noqa: E402
+from vtai.metering.gate import Gate  # noqa: E402
+from vtai.metering.turn import TurnRequest, TurnRunner  # noqa: E402
 from vtai.services import Services, register_callback, unregister_callback  # noqa: E402
 from vtai.settings import Settings  # noqa: E402
-from vtai.turn import TurnRequest, TurnRunner  # noqa: E402
 
 MODEL = "gpt-4o-mini"
 # Short on purpose: LiteLLM's mock streams 3 characters per chunk at ~0.7 ms of CPU each, and
@@ -117,7 +117,7 @@ async def medians(pieces: dict, reps: int) -> dict:
 
 async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: int) -> dict:
     """Medians of the pieces the metered turn adds, one at a time, nothing else running."""
-    from vtai.turn import count_prompt
+    from vtai.metering.turn import count_prompt
 
     async def counting() -> None:
         count_prompt(MODEL, [{"role": "user", "content": f"{QUESTION} {uuid.uuid4()}"}])
@@ -162,7 +162,7 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
         (unregister_callback if on else register_callback)(services.callback)
 
     def as_litellm(on: bool) -> None:
-        """Unmetered, and LiteLLM's end of stream as it ships (vtai.litellm_stream_end)."""
+        """Unmetered, and LiteLLM's end of stream as it ships (vtai.llm.stream_end)."""
         unmetered(on)
         (litellm_stream_end.remove if on else litellm_stream_end.apply)()
 
@@ -424,7 +424,7 @@ def section(levels, turns, rows, data) -> common.Section:
         "in line (VTAI_RESERVE_AHEAD=off): the turn calls `vtai_reserve` when the message "
         "arrives. Bare: `litellm.acompletion(stream=True, mock_response=...)` consumed the "
         "same way, with VT.ai's callback unregistered: the same process with metering off, "
-        "so both sides run `vtai.litellm_stream_end` (the breakdown below shows LiteLLM as it "
+        "so both sides run `vtai.llm.stream_end` (the breakdown below shows LiteLLM as it "
         "ships). Offered load "
         "N@R: N users offering R turns/s in total; "
         f"at least {turns:,} turns per side per level (whole turns per user: the table gives "

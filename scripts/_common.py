@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from vtai import migrations
-from vtai.db import connect
+from vtai.db import migrations
+from vtai.db.connection import connect
 from vtai.settings import Settings, SettingsError, load_settings
 
 # Exit codes shared by the scripts (each script's --help repeats them).
@@ -95,7 +95,7 @@ def redact(text: str, url: str) -> str:
 async def open_connection(url: str) -> asyncpg.Connection:
     try:
         return await connect(url)
-    except Exception as exc:  # DatabaseError from vtai.db, or a malformed URL
+    except Exception as exc:  # DatabaseError from vtai.db.connection, or a malformed URL
         raise ScriptError(redact(str(exc) or type(exc).__name__, url)) from None
 
 

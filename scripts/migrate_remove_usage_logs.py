@@ -27,7 +27,7 @@ from _common import (
 )
 from _common import parser as common_parser
 
-from vtai import migrations
+from vtai.db import migrations
 from vtai.settings import PERIODS
 
 EPILOG = """exit codes:

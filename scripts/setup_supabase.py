@@ -34,7 +34,7 @@ from _common import (
     parser as common_parser,
 )
 
-from vtai import migrations
+from vtai.db import migrations
 
 EPILOG = """exit codes:
   0  everything is in place

@@ -26,7 +26,7 @@ from _common import (
     parser as common_parser,
 )
 
-from vtai import migrations
+from vtai.db import migrations
 
 EPILOG = """exit codes:
   0  the policies are as the migrations define them (or would be, with --dry-run)
@@ -56,7 +56,7 @@ async def repair(conn: asyncpg.Connection, dry_run: bool) -> tuple[list, list]:
                 await conn.execute(
                     f'drop policy "{p.name.replace(chr(34), chr(34) * 2)}" on "{schema}"."{table}"'
                 )
-        # Idempotent by design (tests/test_migrations.py re-runs them by hand); the legacy
+        # Idempotent by design (tests/db/test_migrations.py re-runs them by hand); the legacy
         # one also drops the permissive policies on usage_logs by name.
         for m in migrations.discover():
             await conn.execute(m.sql)

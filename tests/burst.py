@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tests.conftest import make_settings, offering
 from tests.fake_provider import FakeProvider
+from vtai.metering.turn import TurnRequest, TurnRunner
 from vtai.services import Services
-from vtai.turn import TurnRequest, TurnRunner
 
 
 async def burst(db_url: str, user_id: uuid.UUID, turns: int, data_dir: Path) -> dict:

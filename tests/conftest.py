@@ -21,7 +21,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import asyncpg  # noqa: E402
 import pytest  # noqa: E402
 
-from vtai import migrations, users  # noqa: E402
+from vtai import users  # noqa: E402
+from vtai.db import migrations
 from vtai.services import Services  # noqa: E402
 from vtai.settings import Settings  # noqa: E402
 
@@ -55,7 +56,7 @@ def pg_server():
 @contextlib.contextmanager
 def embedded_server(prefix: str = "vtai-test-pg-"):
     """A throwaway embedded Postgres (which checks passwords); yields its superuser URL."""
-    from vtai import embedded_pg
+    from vtai.db import embedded as embedded_pg
 
     # Our own temp dir: pytest prunes old basetemp dirs, and a concurrent pytest run on the
     # same machine could delete the data dir out from under a live server.
@@ -127,7 +128,7 @@ async def db_url(pg_server, template_db):
 
 def offering(settings: Settings, model: str) -> Settings:
     """`settings` for a server whose default model, and so the first it offers, is `model`:
-    a turn runs only a model the server offers (vtai.turn)."""
+    a turn runs only a model the server offers (vtai.metering.turn)."""
     return settings.model_copy(update={"model": model})
 
 

@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 
 from tests.conftest import add_user
-from vtai.gate import Gate
-from vtai.ledger import Ledger
-from vtai.spool import Spool
+from vtai.metering.gate import Gate
+from vtai.metering.ledger import Ledger
+from vtai.metering.spool import Spool
 
 T0 = datetime(2026, 11, 3, 22, 30, tzinfo=UTC)
 
@@ -75,7 +75,7 @@ async def test_spool_replay_updates_aggregates_once(pool, conn, tmp_path):
     r = {**row(user, 1), "reservation_id": str(grant.reservation_id)}
     spool.append(r)
     spool.append(r)  # the same row spooled twice (a retried callback)
-    result = await Ledger(pool, spool).replay()
+    result = await Ledger(pool, spool).replayer.replay()
     assert (result.recorded, result.duplicates) == (1, 1)
     assert (
         await conn.fetchval("select sum(requests) from usage_aggregates where granularity = 'hour'")
@@ -85,7 +85,7 @@ async def test_spool_replay_updates_aggregates_once(pool, conn, tmp_path):
 
 
 async def test_daily_usage_for_the_meter_reads_day_buckets(pool, conn, tmp_path):
-    from vtai.quota import daily_chart
+    from vtai.ui.quota import daily_chart
 
     user = await add_user(conn)
     ledger = Ledger(pool, Spool(tmp_path))

@@ -26,12 +26,12 @@ import pytest
 
 from tests.conftest import ROOT, create_database, drop_database, make_settings, offering
 from tests.fake_provider import FakeProvider
-from vtai import users
-from vtai.gate import Gate
-from vtai.ledger import Ledger
+from vtai.db import accounts
+from vtai.metering.gate import Gate
+from vtai.metering.ledger import Ledger
+from vtai.metering.spool import QUARANTINE, Spool
+from vtai.metering.turn import TurnRequest, TurnRunner
 from vtai.services import Services
-from vtai.spool import QUARANTINE, Spool
-from vtai.turn import TurnRequest, TurnRunner
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +95,8 @@ async def restart_main(db_url: str, data_dir: Path) -> None:
     """A fresh app on the same data dir replays the spool first, as start-up does."""
     services = await Services.start(app_settings(db_url, data_dir), replay=False)
     try:
-        await services.ledger.recover()
-        replayed = await services.ledger.replay()
+        await services.ledger.replayer.recover()
+        replayed = await services.ledger.replayer.replay()
         status = services.ledger.spool.status()
         print(
             json.dumps(
@@ -151,7 +151,7 @@ async def setup_users(db_url: str, n: int, limit: int) -> list[uuid.UUID]:
     try:
         await conn.execute("update tiers set token_limit = $1 where name = 'free'", limit)
         return [
-            (await users.create_user(conn, f"k{uuid.uuid4().hex[:8]}", "pw-pw-pw")).id
+            (await accounts.create_user(conn, f"k{uuid.uuid4().hex[:8]}", "pw-pw-pw")).id
             for _ in range(n)
         ]
     finally:

@@ -11,15 +11,15 @@ import pytest
 
 from tests.conftest import add_user, make_settings, offering
 from tests.fake_provider import FakeProvider
-from tests.test_turn import collect, request, runner_for, wait_for_rows
-from vtai import users
-from vtai.callback import CallNotes, MeteringLogger
-from vtai.content import redact_secrets
-from vtai.gate import Gate
-from vtai.ledger import Ledger
+from tests.metering.test_turn import collect, request, runner_for, wait_for_rows
+from vtai.db import accounts
+from vtai.metering.content import redact_secrets
+from vtai.metering.gate import Gate
+from vtai.metering.ledger import Ledger
+from vtai.metering.logger import CallNotes, MeteringLogger
+from vtai.metering.spool import Spool
+from vtai.metering.turn import TurnRequest, TurnRunner
 from vtai.services import register_callback, unregister_callback
-from vtai.spool import Spool
-from vtai.turn import TurnRequest, TurnRunner
 
 
 async def test_megabyte_message_is_refused_before_the_model(services, conn):
@@ -87,17 +87,17 @@ async def test_secrets_never_reach_the_error_row(services, conn, monkeypatch):
 
 async def test_failed_logins_are_slowed(db_url, conn):
     await add_user(conn, "mallory")
-    throttle = users.LoginThrottle()
+    throttle = accounts.LoginThrottle()
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
     try:
         for _ in range(4):
-            assert await users.authenticate(pool, "mallory", "guess", throttle) is None
+            assert await accounts.authenticate(pool, "mallory", "guess", throttle) is None
         assert throttle.delay("mallory") >= 1.0
         assert throttle.delay("someone-else") == 0
-        ok = await users.authenticate(pool, "mallory", "correct horse battery", throttle)
+        ok = await accounts.authenticate(pool, "mallory", "correct horse battery", throttle)
         assert ok is not None and ok.username == "mallory"
         assert throttle.delay("mallory") == 0
-        assert await users.authenticate(pool, "nobody", "x", throttle) is None
+        assert await accounts.authenticate(pool, "nobody", "x", throttle) is None
     finally:
         await pool.close()
 
@@ -152,7 +152,7 @@ async def test_gate_open_answers_and_charges_once_the_database_is_back(db_url, c
     assert spool.status().waiting == 1
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
     try:
-        assert (await Ledger(pool, spool).replay()).recorded == 1
+        assert (await Ledger(pool, spool).replayer.replay()).recorded == 1
         row = await conn.fetchrow("select status, total_tokens from request_logs")
         assert row["status"] == "success" and row["total_tokens"] > 0
         used = await conn.fetchval("select used from usage_counters where end_user = $1", user.id)

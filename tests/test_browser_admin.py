@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.admin.test_routes import seed_traffic
 from tests.browser import browser_page, login, running_app, screenshot
 from tests.conftest import add_user
 from tests.fake_balance_api import FakeBalanceApi
-from tests.test_admin import seed_traffic
 
 pytestmark = pytest.mark.browser
 

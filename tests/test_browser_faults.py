@@ -122,7 +122,7 @@ async def test_tampered_session_cookie_lands_on_login(db_url, conn, tmp_path, pr
 
 async def test_attachments_are_off_and_text_still_answered(db_url, conn, tmp_path, provider):
     """The model reads no attachments, so the page offers none (docs/security.md); an upload
-    sent anyway is refused before its body is read (tests/test_uploads.py)."""
+    sent anyway is refused before its body is read (tests/web/test_uploads.py)."""
     user = await add_user(conn, "attacher")
     async with (
         running_app(db_url, tmp_path, **fake_env(provider.url("ok"))) as base,

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from vtai import cli
-from vtai.spool import Spool
+from vtai.metering.spool import Spool
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from tests.browser import ROOT
 from tests.conftest import add_user
-from tests.test_turn import wait_for_rows
+from tests.metering.test_turn import wait_for_rows
 
 pytestmark = pytest.mark.slow
 

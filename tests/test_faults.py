@@ -11,10 +11,11 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_settings
-from tests.test_embedded_pg import kill_postmaster
-from vtai import embedded_pg, migrations, users
+from tests.db.test_embedded import kill_postmaster
+from vtai.db import accounts, migrations
+from vtai.db import embedded as embedded_pg
+from vtai.metering.turn import TurnRequest, TurnRunner
 from vtai.services import Services
-from vtai.turn import TurnRequest, TurnRunner
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ async def _setup(url: str, n_users: int, limit: int) -> list[uuid.UUID]:
     try:
         await migrations.apply_pending(conn)
         await conn.execute("update tiers set token_limit = $1 where name = 'free'", limit)
-        return [(await users.create_user(conn, f"u{i}", "pw-pw-pw")).id for i in range(n_users)]
+        return [(await accounts.create_user(conn, f"u{i}", "pw-pw-pw")).id for i in range(n_users)]
     finally:
         await conn.close()
 
@@ -75,7 +76,7 @@ async def test_database_killed_mid_burst(own_server, tmp_path, fail_mode):
         call_ids = {c for c in results[:turns] if c}
         await services.flush()
         await runner.drain()
-        await services.ledger.replay()
+        await services.ledger.replayer.replay()
     finally:
         await services.stop()
 

@@ -115,7 +115,7 @@ def test_auth_secret_is_generated_once(tmp_path, monkeypatch):
 
 
 def test_data_dir_inside_repo_is_ignored_by_git(tmp_path, monkeypatch):
-    from vtai import embedded_pg
+    from vtai.db import embedded as embedded_pg
 
     repo = tmp_path / "checkout"
     repo.mkdir()

@@ -21,8 +21,9 @@ import pytest
 from tests.browser import ROOT, browser_page, login, running_app, send
 from tests.conftest import add_user
 from tests.fake_provider import ANSWER, FakeProvider
-from vtai import embedded_pg, migrations
-from vtai.db import Database
+from vtai.db import embedded as embedded_pg
+from vtai.db import migrations
+from vtai.db.connection import Database
 from vtai.settings import Settings
 
 PASSWORD = "correct horse battery"
@@ -267,7 +268,7 @@ async def test_concurrent_starts_prepare_the_role_once(data_dir):
     await (await Database(embedded_settings(data_dir), pool_size=1).open()).close_pools()
     script = (
         "import asyncio, sys; from pathlib import Path;"
-        "from vtai.db import Database; from vtai.settings import Settings\n"
+        "from vtai.db.connection import Database; from vtai.settings import Settings\n"
         "async def go():\n"
         "    s = Settings(database_url=None, data_dir=Path(sys.argv[1]), model='local/x')\n"
         "    db = await Database(s, pool_size=1).open()\n"

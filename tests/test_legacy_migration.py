@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from tests import test_migrations
 from tests.conftest import ROOT
+from tests.db import test_migrations as test_migrations
 from tests.test_setup_supabase import script
 
 supabase_db = test_migrations.supabase_db

@@ -183,3 +183,17 @@ async def test_throttle_tables_are_closed_to_api_roles(conn):
             "select relrowsecurity from pg_class where oid = $1::regclass",
             f"vtai_private.{table}",
         )
+
+
+async def test_whitespace_variants_of_a_name_share_its_throttle(app, db):
+    """Found by red-teaming: "alice\\t" and "alice\\u3000" log in as alice, so they must count
+    as alice's guesses, not as fresh names, even from many addresses."""
+    base, _ = app
+    user = await add_user(db, f"w{uuid.uuid4().hex[:6]}")
+    variants = [user.username + tail for tail in ("\t", "\n", "\u3000", "\u00a0", " ")]
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        for name in variants:
+            r, _ = await attempt(http, name, "wrong guess", fake_addr())
+            assert r.status_code == 401
+    row = await key_row(db, user.username)
+    assert row["attempts"] + row["refused"] == len(variants), dict(row)

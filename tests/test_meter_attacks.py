@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -72,9 +73,10 @@ async def listener():
 
 
 class App:
-    def __init__(self, base: str, db_url: str):
+    def __init__(self, base: str, db_url: str, log: Path):
         self.base = base
         self.db_url = db_url
+        self.log = log  # the app's output
 
     async def user(self, tier: str = "free") -> tuple:
         conn = await asyncpg.connect(self.db_url)
@@ -141,8 +143,9 @@ async def app(pg_server, template_db, tmp_path_factory, provider, listener):
         "VTAI_DISCONNECT_GRACE": "1",
         "VTAI_MAX_MESSAGE_CHARS": "20000",
     }
-    async with running_app(url, tmp_path_factory.mktemp("attacks"), **env) as base:
-        yield App(base, url)
+    data_dir = tmp_path_factory.mktemp("attacks")
+    async with running_app(url, data_dir, **env) as base:
+        yield App(base, url, data_dir / "app.log")
     await drop_database(pg_server, url)
 
 
@@ -322,3 +325,53 @@ async def test_edit_of_an_answer_is_refused(app, provider):
     )
     assert stored == []
     assert len(await app.rows(user, 2)) == 2  # the edit ran no turn
+
+
+async def test_edit_reruns_from_the_edited_message_and_can_be_stopped(app, provider):
+    """Found by red-teaming: an edited message was answered with the exchange it replaced
+    still in the model's context (and paid for), and Stop couldn't reach that answer."""
+    user = await app.user()
+    async with await app.chat(user) as client:
+        asked = client._message("first question", "user_message")
+        mark = len(client.events)
+        await client.sio.emit("client_message", asked)
+        first = await client.collect(mark)
+        before = len(provider.bodies)
+        mark = len(client.events)
+        edited = dict(asked["message"], output="edited question #mode:slow")
+        await client.sio.emit("edit_message", {"message": edited})
+        await client.wait_for(lambda: len(client.reply_since(mark).tokens) >= 3)
+        await client.stop()
+        await client.collect(mark)
+    assert first.answer is not None
+    (body,) = provider.bodies[before:]
+    assert [m["content"] for m in body["messages"] if m["role"] == "user"] == [
+        "edited question #mode:slow"
+    ]
+    rows = await app.rows(user, 2)
+    details = json.loads(rows[-1]["additional_details"])
+    assert details["aborted"] is True and rows[-1]["completion_tokens"] < MAX_TOKENS
+
+
+async def test_odd_events_are_ignored_not_crashes_and_settings_keep_only_the_model(app):
+    """Found by red-teaming: malformed events raised in the handlers, and a client's own
+    settings keys (900 KB of them) were stored with the chat."""
+    user = await app.user()
+    log = app.log.read_text() if app.log.exists() else ""
+    async with await app.chat(user) as client:
+        await client.sio.emit("chat_settings_change", {"model": MODEL, "junk": "y" * 900_000})
+        await client.sio.emit("chat_settings_change", ["not", "a", "dict"])
+        await client.sio.emit("window_message")
+        bad = client._message("metadata is a string", "user_message")
+        bad["message"].update(metadata="oops", id="not-a-uuid")
+        bad["message"].pop("createdAt")
+        mark = len(client.events)
+        await client.sio.emit("client_message", bad)
+        # Events are handled concurrently: wait for the answer itself.
+        await client.wait_for(lambda: client.reply_since(mark).answer is not None)
+        await client.wait_for(lambda: "task_end" in [e for e, _ in client.events[-3:]])
+        thread = client.thread_id
+    new_log = app.log.read_text()[len(log) :]
+    assert "Traceback" not in new_log, new_log[-3000:]
+    rows = await app.fetch('select length(metadata::text) as n from "Thread" where id = $1', thread)
+    assert rows and rows[0]["n"] < 10_000

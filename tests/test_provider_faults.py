@@ -13,11 +13,11 @@ from aiohttp import web
 
 from tests.conftest import add_user, make_settings, offering
 from tests.fake_provider import ANSWER, FakeProvider, _chunk
-from tests.test_turn import collect, wait_for_rows
-from vtai import tokens
-from vtai import turn as turn_module
+from tests.metering.test_turn import collect, wait_for_rows
+from vtai.llm import tokens
+from vtai.metering import turn as turn_module
+from vtai.metering.turn import TurnRequest, TurnRunner
 from vtai.services import Services
-from vtai.turn import TurnRequest, TurnRunner
 
 MODEL = "openai/fake"
 PRICED = "openai/gpt-4o-mini"  # in LiteLLM's price map
@@ -100,7 +100,6 @@ async def turn(svc, provider, conn, mode, model=MODEL):
         ("401", "AuthenticationError", "rejected the API key"),
         ("429", "RateLimitError", "rate-limiting"),
         ("500", "InternalServerError", "server error"),
-        ("hang", "Timeout", "did not answer within 2 s"),
         ("ctx", "ContextWindowExceededError", "too long"),
         ("404", "NotFoundError", "not available"),
     ],
@@ -114,6 +113,18 @@ async def test_failure_is_one_line_logged_and_free(svc, provider, conn, mode, er
     assert json.loads(row["error"])["class"] == error_class
     assert (counter["used"], counter["reserved"]) == (0, 0)
     assert await conn.fetchval("select count(*) from request_logs") == 1
+
+
+async def test_timeout_is_charged_the_prompt_it_sent(svc, provider, conn):
+    """A provider that took the request and never answered may still bill the prompt it
+    processed: the turn is charged it, estimated, as a stopped one is."""
+    outcome, tokens, row, counter = await turn(svc, provider, conn, "hang")
+    assert outcome.kind == "failed" and not tokens
+    assert "did not answer within 2 s" in outcome.notice and "\n" not in outcome.notice
+    assert row["status"] == "failure" and json.loads(row["error"])["class"] == "Timeout"
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 0
+    assert json.loads(row["additional_details"])["estimated"] is True
+    assert (counter["used"], counter["reserved"]) == (row["total_tokens"], 0)
 
 
 async def test_stream_that_breaks_midway_charges_what_was_produced(svc, provider, conn):

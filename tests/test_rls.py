@@ -9,9 +9,9 @@ import asyncpg
 import pytest
 
 from tests.conftest import add_user
-from vtai.gate import Gate
-from vtai.ledger import Ledger
-from vtai.spool import Spool
+from vtai.metering.gate import Gate
+from vtai.metering.ledger import Ledger
+from vtai.metering.spool import Spool
 
 
 async def as_role(conn, role: str, user_id: uuid.UUID | None = None):

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from tests.conftest import ROOT
 from vtai import settings as settings_module
-from vtai.models import LOCAL_MODEL_ID, PROVIDER_MODELS, available_models, key_configured
+from vtai.llm.models import LOCAL_MODEL_ID, PROVIDER_MODELS, available_models, key_configured
 from vtai.settings import PROVIDER_KEY_VARS, Settings, SettingsError, load_settings
 
 

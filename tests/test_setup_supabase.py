@@ -11,9 +11,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests import test_migrations
 from tests.conftest import ROOT, embedded_server
-from vtai import migrations
+from tests.db import test_migrations as test_migrations
+from vtai.db import migrations
 
 # A database shaped like hosted Supabase, migrated by a non-superuser (a shared fixture).
 supabase_db = test_migrations.supabase_db

@@ -17,11 +17,13 @@ from fastapi import FastAPI
 from tests.conftest import add_user, make_settings
 from tests.fake_gotrue import FakeGotrue, add_auth_user
 from tests.fake_postgrest import FakePostgrest, token
-from tests.test_turn import collect, request, runner_for, wait_for_rows
-from vtai import admin, chat, cli, history, launch
+from tests.metering.test_turn import collect, request, runner_for, wait_for_rows
+from vtai import cli, launch
+from vtai.admin import routes as admin
+from vtai.metering.spool import Spool
+from vtai.rest.store import SupabaseStore
 from vtai.services import Services
-from vtai.spool import Spool
-from vtai.supabase_store import SupabaseStore
+from vtai.ui import chat, history
 
 PASSWORD = "correct horse battery"
 
@@ -143,7 +145,7 @@ async def test_rest_down_spools_the_row_and_replays_it_when_back(rest, gotrue, t
         assert await until(lambda: s.ledger.spool.status().waiting == 1)
 
         await rest.start(port=port)
-        result = await s.ledger.replay()
+        result = await s.ledger.replayer.replay()
         assert result.recorded == 1
         assert await wait_for_rows(conn, 1) == 1
         assert await conn.fetchval("select litellm_call_id from request_logs") == outcome.call_id
@@ -259,7 +261,7 @@ async def test_launch_prepares_no_database_for_rest_and_no_local_admin_for_supab
 async def test_login_sessions_and_throttle_work_over_rest(rest_services, gotrue, conn):
     """REST-only mode: the same session and throttle functions, through the PostgREST
     stand-in as the service role, so logins can be ended and guesses throttled there too."""
-    from vtai import sessions
+    from vtai.web import sessions
 
     store = sessions.store_of(rest_services)
     assert isinstance(store, sessions.RestSessions)

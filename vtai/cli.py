@@ -10,12 +10,14 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from vtai import balances, quota, users
-from vtai.db import Database, DatabaseError
-from vtai.gate import Gate
-from vtai.ledger import Ledger
+from vtai.admin import balances
+from vtai.db import accounts as users
+from vtai.db.connection import Database, DatabaseError
+from vtai.metering.gate import Gate
+from vtai.metering.ledger import Ledger
+from vtai.metering.spool import ReplayStopped, Spool
 from vtai.settings import NEEDS_DATABASE, Settings, SettingsError, load_settings
-from vtai.spool import ReplayStopped, Spool
+from vtai.ui import quota
 
 
 class CliError(Exception):
@@ -170,9 +172,9 @@ async def spool_status(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _replay(ledger: Ledger) -> int:
     # Rows a dead app process was still writing; a live one's come back as no-op duplicates.
-    await ledger.recover()
+    await ledger.replayer.recover()
     try:
-        r = await ledger.replay()
+        r = await ledger.replayer.replay()
     except ReplayStopped as exc:
         raise CliError(f"replay stopped, the database stopped answering: {exc}") from None
     print(
@@ -184,7 +186,7 @@ async def _replay(ledger: Ledger) -> int:
 
 async def spool_replay(settings: Settings, args: argparse.Namespace) -> int:
     if settings.rest_metering:
-        from vtai.supabase_store import SupabaseStore
+        from vtai.rest.store import SupabaseStore
 
         store = await SupabaseStore.connect(
             settings.supabase_url,

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vtai import datadir, users
-from vtai.db import Database, DatabaseError
+from vtai import datadir
+from vtai.db import accounts
+from vtai.db.connection import Database, DatabaseError
 from vtai.settings import Settings, SettingsError, load_settings
 
 APP = Path(__file__).resolve().parent / "main.py"
@@ -43,11 +44,11 @@ def ensure_auth_secret(data_dir: Path, settings: Settings | None = None) -> str:
 async def ensure_admin(db: Database, settings: Settings) -> str | None:
     """Create the first admin on a fresh database; returns its one-time password."""
     async with db.pool.acquire() as conn:
-        if await users.any_admin(conn):
+        if await accounts.any_admin(conn):
             return None
         given = settings.admin_password
         password = given.get_secret_value() if given else secrets.token_urlsafe(12)
-        await users.create_user(conn, settings.admin_username, password, "unlimited", True)
+        await accounts.create_user(conn, settings.admin_username, password, "unlimited", True)
         return password
 
 

@@ -1,22 +1,15 @@
-"""Chainlit entry point: `chainlit run vtai/main.py`. Handlers only; the work is in vtai.chat."""
+"""Chainlit entry point: `chainlit run vtai/main.py`. Handlers only; the work is in vtai.ui.chat."""
 
 import os
 
 import chainlit as cl
 import chainlit.server
 
-from vtai import (
-    admin,
-    chat,
-    feedback_guard,
-    history,
-    launch,
-    sessions,
-    socket_guard,
-    uploads,
-    web_security,
-)
+from vtai import launch
+from vtai.admin import routes as admin
 from vtai.settings import load_settings
+from vtai.ui import chat, feedback_guard, history, socket_guard
+from vtai.web import origins, sessions, uploads
 
 # /admin and /admin/api/*, ahead of Chainlit's catch-all page route.
 admin.register(chainlit.server.app)
@@ -25,7 +18,7 @@ _settings = load_settings()
 # `chainlit run vtai/main.py` works without `make run`: Chainlit checks for its secret after
 # loading this module, and finds the one `make run` would use, kept in the data dir.
 os.environ["CHAINLIT_AUTH_SECRET"] = launch.ensure_auth_secret(_settings.data_dir, _settings)
-web_security.install(chainlit.server.app, chainlit.server.sio, _settings)
+origins.install(chainlit.server.app, chainlit.server.sio, _settings)
 sessions.install(chainlit.server.app, chainlit.server.sio, _settings)
 socket_guard.install(chainlit.server.sio, _settings)
 feedback_guard.install(chainlit.server.app)

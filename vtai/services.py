@@ -13,17 +13,21 @@ from dataclasses import dataclass
 
 import litellm
 
-from vtai import datadir, litellm_stream_end, supabase_login, users
-from vtai.callback import CallNotes, MeteringLogger
-from vtai.db import Database
-from vtai.gate import Gate
-from vtai.ledger import Ledger
+from vtai import datadir
+from vtai.db import accounts
+from vtai.db.accounts import LoginThrottle, Profile
+from vtai.db.connection import Database
+from vtai.llm import stream_end
+from vtai.metering.gate import Gate
+from vtai.metering.ledger import Ledger
+from vtai.metering.logger import CallNotes, MeteringLogger
+from vtai.metering.ports import Profiles, UsageGate
+from vtai.metering.spool import Spool
+from vtai.metering.turn import TurnRunner
+from vtai.rest import login as supabase_login
+from vtai.rest.login import SupabaseAuth
+from vtai.rest.store import SupabaseStore
 from vtai.settings import NEEDS_DATABASE, Settings
-from vtai.spool import Spool
-from vtai.supabase_login import SupabaseAuth
-from vtai.supabase_store import SupabaseStore
-from vtai.turn import TurnRunner
-from vtai.users import LoginThrottle, Profile
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +35,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Services:
     settings: Settings
-    # None in REST mode: then `store` is the gate and the ledger's store.
+    # None in REST mode: then `store` is the gate, the ledger's store and the profiles.
     db: Database | None
-    gate: Gate | SupabaseStore
+    gate: UsageGate
     ledger: Ledger
     runner: TurnRunner
     callback: MeteringLogger
@@ -79,10 +83,13 @@ class Services:
         callback = MeteringLogger(ledger, settings.log_content, notes)
         register_callback(callback)
         _register_local_model()
-        litellm_stream_end.apply()
+        stream_end.apply()
+        # LiteLLM would fetch Llama's or Cohere's tokenizer from Hugging Face to count (on the
+        # event loop, and retrying for ~23 s where the network is closed): cl100k instead.
+        litellm.disable_hf_tokenizer_download = True
         if replay:
-            await ledger.recover()
-            ledger.start_replayer()
+            await ledger.replayer.recover()
+            ledger.replayer.start()
         log.info(
             "usage gate fails %s when the database is down (VTAI_GATE_FAIL_MODE)",
             settings.gate_fail_mode,
@@ -93,18 +100,20 @@ class Services:
     async def authenticate(self, username: str, password: str) -> Profile | None:
         """The profile for a login form's name and password: Supabase Auth or local argon2.
 
-        Behind the database's login throttle (vtai.sessions.throttled): per name and per
+        Behind the database's login throttle (vtai.web.sessions.throttled): per name and per
         client address, counted atomically, so parallel guesses queue.
         """
-        from vtai import sessions
+        from vtai.web import sessions
 
         return await sessions.throttled(self, username, password, self._check_password)
 
     async def _check_password(self, username: str, password: str) -> Profile | None:
         if self.auth is not None:
-            profiles = self.store if self.store is not None else users.PoolProfiles(self.db.pool)
+            profiles: Profiles = (
+                self.store if self.store is not None else accounts.PoolProfiles(self.db.pool)
+            )
             return await supabase_login.login(self.auth, profiles, username, password)
-        return await users.authenticate(self.db.pool, username, password)
+        return await accounts.authenticate(self.db.pool, username, password)
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait for every pending ledger write: LiteLLM's queued hooks and the turn's own."""
@@ -146,6 +155,6 @@ def unregister_callback(callback: MeteringLogger) -> None:
 
 
 def _register_local_model() -> None:
-    from vtai import local_model
+    from vtai.llm import local_model
 
     local_model.register()

@@ -49,7 +49,7 @@ LIMIT_VARS = {
     "basic": "VTAI_LIMIT_BASIC",
     "premium": "VTAI_LIMIT_PREMIUM",
 }
-# The provider keys that add a provider's models to the picker (vtai.models), by variable.
+# The provider keys that add a provider's models to the picker (vtai.llm.models), by variable.
 # LiteLLM reads them from the environment itself; Settings reads them to know which are set.
 PROVIDER_KEY_VARS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "OPENROUTER_API_KEY")
 
@@ -62,7 +62,7 @@ NEEDS_DATABASE = (
 # `chainlit run` in CI mode (CI=true) plants this key; it must not count as a configured key.
 CHAINLIT_FAKE_OPENAI_KEY = "sk-FAKE-OPENAI-API-KEY"
 
-# vtai.models.LOCAL_MODEL_ID, repeated so that checking the default model needs no LiteLLM
+# vtai.llm.models.LOCAL_MODEL_ID, repeated so that checking the default model needs no LiteLLM
 # import (about 2 s), which the scripts would otherwise pay (tests/test_settings.py checks it).
 _LOCAL_MODEL_ID = "local/smollm2-135m"
 DOTENV = ".env"
@@ -186,7 +186,7 @@ def _http_url(url: str) -> str:
 def _model_problem(model: str) -> str | None:
     if model == _LOCAL_MODEL_ID:
         return None
-    from vtai.models import validate_model_id
+    from vtai.llm.models import validate_model_id
 
     return validate_model_id(model)
 
@@ -379,7 +379,7 @@ class Settings(BaseSettings):
     chainlit_port: Annotated[Whole, _at_least(1), _at_most(65535)] = Field(
         8000, validation_alias=_var("CHAINLIT_PORT")
     )
-    # Provider balances on /admin (vtai.balances): seconds between syncs (0: off), and the
+    # Provider balances on /admin (vtai.admin.balances): seconds between syncs (0: off), and the
     # OpenRouter API's base URL (tests point it at a fake).
     balance_sync_interval: Annotated[Whole, _at_least(0)] = Field(
         3600, validation_alias=_var("VTAI_BALANCE_SYNC_INTERVAL")

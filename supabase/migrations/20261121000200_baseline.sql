@@ -2,7 +2,7 @@
 --
 -- It replaces the twelve files VT.ai used while 0.1.0 was developed (20261122000000 to
 -- 20261130000100; a copy is kept in tests/data/migrations_v0/): this is their final state, each
--- function with its last body. vtai/migrations.py recognises a database migrated with those
+-- function with its last body. vtai/db/migrations.py recognises a database migrated with those
 -- files and records this one as applied without running it (docs/supabase.md).
 --
 -- Before it: 20261121000000_supabase_compat (roles and auth.* where missing) and
@@ -403,7 +403,7 @@ as $$
 $$;
 
 -- Give back a reservation no turn will use: a chat's reservation for its next turn
--- (vtai/next_turn.py) when the chat closes or the message that came is bigger than it.
+-- (vtai/metering/ahead.py) when the chat closes or the message that came is bigger than it.
 -- Idempotent: a reservation already settled, expired or released is simply not there.
 -- Lock order is the ledger's (reservation, then counter), so it queues behind a settle and
 -- never deadlocks with one; vtai_reserve() skips locked reservations.
@@ -750,7 +750,7 @@ grant execute on function public.vtai_backfill_aggregates(timestamptz, timestamp
 
 -- 4. Provider balances for the admin dashboard -----------------------------------------------
 --
--- One row per configured provider, written only by the server (vtai/balances.py). A failed
+-- One row per configured provider, written only by the server (vtai/admin/balances.py). A failed
 -- sync keeps the last good balance and fetched_at and records error / error_at beside them,
 -- so the dashboard can show "$12.30 as of yesterday; last sync failed: timeout". No
 -- user-level role may read balances (RLS on, no policy).

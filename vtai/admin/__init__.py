@@ -1,0 +1,1 @@
+"""The /admin dashboard and provider balances."""

@@ -1,0 +1,59 @@
+"""Who may use /admin: the signed-in user's `profiles.is_admin`, read from the database on
+every request (the JWT's copy is made at login and can be stale), and the origin rule.
+"""
+
+import uuid
+
+import asyncpg
+from fastapi import HTTPException, Request
+
+from vtai.web import origins
+
+
+class NotSignedIn(Exception):
+    pass
+
+
+async def admin_from_request(request: Request, pool: asyncpg.Pool) -> asyncpg.Record:
+    """The admin's profile row; NotSignedIn without a valid session, 403 for anyone else."""
+    from chainlit.auth import get_token_from_cookies
+    from chainlit.auth.jwt import decode_jwt
+
+    token = get_token_from_cookies(request.cookies)
+    if not token:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else None
+    if not token:
+        raise NotSignedIn
+    try:
+        user = decode_jwt(token)
+    except Exception:
+        raise NotSignedIn from None
+    user_id = (user.metadata or {}).get("id")
+    try:
+        key = uuid.UUID(str(user_id)) if user_id else None
+    except ValueError:
+        key = None
+    if key is not None:
+        row = await pool.fetchrow(
+            "select id, username, is_admin from public.profiles where id = $1", key
+        )
+    else:
+        row = await pool.fetchrow(
+            "select id, username, is_admin from public.profiles where username = $1",
+            user.identifier,
+        )
+    if row is None or not row["is_admin"]:
+        raise HTTPException(status_code=403, detail="administrators only")
+    return row
+
+
+def same_origin(request: Request) -> None:
+    """403 for a state-changing request from a page on another origin (web_security's rule).
+
+    The cookie is SameSite=lax, so a page on another port of the same host still sends it.
+    """
+    if request.method in origins.SAFE_METHODS:
+        return
+    if not origins.request_origin_allowed(request.headers):
+        raise HTTPException(403, "cross-origin request refused")

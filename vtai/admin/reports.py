@@ -1,0 +1,280 @@
+"""What /admin shows: cards and charts from `usage_aggregates`, the users table, tier
+changes, and the request log one keyset page at a time.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+
+from vtai.admin import balances
+
+# Dates and cursors the log browser accepts; anything outside is a 400, not a database error.
+FIRST_YEAR, LAST_YEAR = 2000, 2100
+STATUSES = ("success", "failure", "refused")
+
+
+NIL_USER = uuid.UUID(int=0)
+
+
+PAGE_SIZE = 50
+
+
+MAX_ROW_ID = 2**63 - 1
+
+
+async def feedback(pool: asyncpg.Pool, limit: int = 50) -> list[dict]:
+    """The newest thumbs up/down on answers, with who gave them and on which chat."""
+    rows = await pool.fetch(
+        'select f."createdAt" as at, f.value, f.comment, u.identifier as username,'
+        " t.id as thread_id, t.name as thread, left(s.output, 200) as answer"
+        ' from public."Feedback" f'
+        ' join public."Step" s on s.id = f."stepId"'
+        ' join public."Thread" t on t.id = s."threadId"'
+        ' left join public."User" u on u.id = t."userId"'
+        ' order by f."createdAt" desc limit $1',
+        limit,
+    )
+    return [
+        {**dict(r), "at": r["at"].isoformat(), "value": "up" if r["value"] > 0 else "down"}
+        for r in rows
+    ]
+
+
+def _day(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def summary(pool: asyncpg.Pool, period: str, now: datetime | None = None) -> dict:
+    now = now or datetime.now(UTC)
+    today = _day(now)
+    period_start = await pool.fetchval("select public.vtai_period_start($1, $2)", period, now)
+    totals = await pool.fetchrow(
+        """
+        select
+          coalesce(sum(requests) filter (where bucket_start >= $1), 0)::bigint as today_requests,
+          coalesce(sum(total_tokens) filter (where bucket_start >= $1), 0)::bigint
+            as today_tokens,
+          coalesce(sum(cost) filter (where bucket_start >= $1), 0) as today_cost,
+          count(distinct end_user) filter (where bucket_start >= $1 and end_user <> $3)
+            as today_users,
+          coalesce(sum(requests) filter (where bucket_start >= $2), 0)::bigint
+            as period_requests,
+          coalesce(sum(total_tokens) filter (where bucket_start >= $2), 0)::bigint
+            as period_tokens,
+          coalesce(sum(cost) filter (where bucket_start >= $2), 0) as period_cost,
+          count(distinct end_user) filter (where bucket_start >= $2 and end_user <> $3)
+            as period_users
+        from public.usage_aggregates
+        where granularity = 'day' and bucket_start >= least($1, $2)
+        """,
+        today,
+        period_start,
+        NIL_USER,
+    )
+    at_limit = await pool.fetchval(
+        """
+        select count(*) from public.profiles p
+        join public.tiers t on t.name = p.tier
+        join public.usage_counters c on c.end_user = p.id and c.period_start = $1
+        where t.token_limit is not null and c.used >= t.token_limit
+        """,
+        period_start,
+    )
+    t = dict(totals)
+    return {
+        "period": period,
+        "period_start": period_start,
+        "today": {k[6:]: t[k] for k in t if k.startswith("today_")},
+        "this_period": {k[7:]: t[k] for k in t if k.startswith("period_")},
+        "users_at_limit": at_limit,
+        "balances": await balances.read(pool),
+    }
+
+
+async def series(pool: asyncpg.Pool, days: int, now: datetime | None = None) -> dict:
+    """Zero-filled buckets for the last `days` days: hourly for one day, daily beyond."""
+    now = now or datetime.now(UTC)
+    granularity = "hour" if days <= 1 else "day"
+    step = timedelta(hours=1) if granularity == "hour" else timedelta(days=1)
+    end = _day(now) + timedelta(days=1)
+    start = end - timedelta(days=days)
+    points = await pool.fetch(
+        """
+        select s.bucket as bucket,
+               coalesce(sum(a.requests), 0)::bigint as requests,
+               coalesce(sum(a.failures), 0)::bigint as failures,
+               coalesce(sum(a.refusals), 0)::bigint as refusals,
+               coalesce(sum(a.prompt_tokens), 0)::bigint as prompt_tokens,
+               coalesce(sum(a.completion_tokens), 0)::bigint as completion_tokens,
+               coalesce(sum(a.cost), 0) as cost
+        from generate_series($2::timestamptz, $3::timestamptz - $4::interval, $4::interval)
+             as s (bucket)
+        left join public.usage_aggregates a
+          on a.granularity = $1 and a.bucket_start = s.bucket
+        group by s.bucket order by s.bucket
+        """,
+        granularity,
+        start,
+        end,
+        step,
+    )
+    by_model = await pool.fetch(
+        """
+        select model, sum(requests)::bigint as requests, sum(total_tokens)::bigint as tokens,
+               sum(cost) as cost
+        from public.usage_aggregates
+        where granularity = 'day' and bucket_start >= $1 and bucket_start < $2
+        group by model order by sum(cost) desc, model
+        """,
+        start,
+        end,
+    )
+    return {
+        "granularity": granularity,
+        "start": start,
+        "end": end,
+        "points": [dict(r) for r in points],
+        "by_model": [dict(r) for r in by_model],
+    }
+
+
+async def models(pool: asyncpg.Pool) -> list[str]:
+    rows = await pool.fetch(
+        "select distinct model from public.usage_aggregates where granularity = 'day'"
+        " order by model"
+    )
+    return [r["model"] for r in rows]
+
+
+async def user_table(pool: asyncpg.Pool, period: str, now: datetime | None = None) -> dict:
+    now = now or datetime.now(UTC)
+    rows = await pool.fetch(
+        """
+        select p.id, p.username, p.tier, p.is_admin, t.token_limit as limit,
+               coalesce(c.used, 0) as used,
+               case when t.token_limit is null then null
+                    else greatest(t.token_limit - coalesce(c.used, 0), 0) end as remaining,
+               last.bucket_start as last_active
+        from public.profiles p
+        join public.tiers t on t.name = p.tier
+        left join public.usage_counters c
+          on c.end_user = p.id and c.period_start = public.vtai_period_start($1, $2)
+        -- the newest hour bucket: one index probe per user, never a scan of the ledger
+        left join lateral (
+          select a.bucket_start from public.usage_aggregates a
+          where a.end_user = p.id and a.granularity = 'hour'
+          order by a.bucket_start desc limit 1
+        ) last on true
+        order by p.username
+        """,
+        period,
+        now,
+    )
+    tiers = await pool.fetch("select name, token_limit from public.tiers order by rank, name")
+    return {"users": [dict(r) for r in rows], "tiers": [dict(r) for r in tiers]}
+
+
+class TierError(ValueError):
+    pass
+
+
+async def set_tier(pool: asyncpg.Pool, user_id: uuid.UUID, tier: str) -> dict:
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(
+            "select exists(select 1 from public.tiers where name = $1)", tier
+        ):
+            names = [r["name"] for r in await conn.fetch("select name from public.tiers")]
+            raise TierError(f"unknown tier {tier!r}: choose one of {', '.join(sorted(names))}")
+        row = await conn.fetchrow(
+            "update public.profiles set tier = $2 where id = $1 returning id, username, tier",
+            user_id,
+            tier,
+        )
+    if row is None:
+        raise LookupError(f"no user with id {user_id}")
+    return dict(row)
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    user: uuid.UUID | None = None
+    model: str | None = None
+    status: str | None = None
+    start: date | None = None
+    # inclusive: rows up to the end of this UTC day
+    end: date | None = None
+
+
+def _utc_midnight(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+def encode_cursor(created_at: datetime, row_id: int) -> str:
+    return f"{created_at.isoformat()}_{row_id}"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """The (created_at, id) a cursor names; ValueError for anything encode_cursor never makes."""
+    at, _, row_id = cursor.rpartition("_")
+    parsed = datetime.fromisoformat(at)
+    if parsed.tzinfo is None:
+        raise ValueError("cursor has no time zone")
+    if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+        raise ValueError("cursor is out of range")
+    key = int(row_id)
+    if not 0 < key <= MAX_ROW_ID:
+        raise ValueError("cursor is out of range")
+    return parsed, key
+
+
+async def log_page(
+    pool: asyncpg.Pool, f: LogFilter, cursor: str | None = None, limit: int = PAGE_SIZE
+) -> dict:
+    """Up to `limit` rows older than `cursor`, newest first, and the cursor of the next page."""
+    where: list[str] = []
+    args: list = []
+
+    def arg(value) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if f.user is not None:
+        where.append(f"r.end_user = {arg(f.user)}")
+    if f.model:
+        where.append(f"r.model = {arg(f.model)}")
+    if f.status:
+        where.append(f"r.status = {arg(f.status)}")
+    if f.start:
+        where.append(f"r.created_at >= {arg(_utc_midnight(f.start))}")
+    if f.end:
+        where.append(f"r.created_at < {arg(_utc_midnight(f.end) + timedelta(days=1))}")
+    if cursor:
+        at, row_id = decode_cursor(cursor)
+        where.append(f"(r.created_at, r.id) < ({arg(at)}, {arg(row_id)})")
+    rows = await pool.fetch(
+        f"""
+        select r.id, r.created_at, p.username, r.end_user, r.model, r.provider, r.status,
+               r.prompt_tokens, r.completion_tokens, r.total_tokens,
+               -- null: the model has no price in LiteLLM's map, so the cost is unknown
+               case when r.additional_details @> '{{"cost_unknown": true}}' then null
+                    else r.total_cost end as total_cost,
+               r.response_time,
+               coalesce((r.error ->> 'class') || ': ' || left(r.error ->> 'message', 200),
+                        r.additional_details ->> 'reason') as error
+        from public.request_logs r
+        left join public.profiles p on p.id = r.end_user
+        {"where " + " and ".join(where) if where else ""}
+        order by r.created_at desc, r.id desc
+        limit {arg(limit + 1)}
+        """,
+        *args,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if rows else None
+    return {
+        "rows": [dict(r) for r in rows],
+        "next_cursor": encode_cursor(last["created_at"], last["id"]) if more else None,
+    }

@@ -1,0 +1,212 @@
+"""The /admin routes: the page and its JSON API on Chainlit's FastAPI app.
+
+No `from __future__ import annotations` here: FastAPI must see the route annotations as
+objects, and `Admin` is local to build_router.
+"""
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated
+
+import asyncpg
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+
+from vtai.admin import balances
+from vtai.admin.auth import NotSignedIn, admin_from_request, same_origin
+from vtai.admin.export import csv_rows
+from vtai.admin.reports import (
+    FIRST_YEAR,
+    LAST_YEAR,
+    PAGE_SIZE,
+    STATUSES,
+    LogFilter,
+    TierError,
+    decode_cursor,
+    feedback,
+    log_page,
+    models,
+    series,
+    set_tier,
+    summary,
+    user_table,
+)
+
+log = logging.getLogger(__name__)
+
+
+PAGE = Path(__file__).resolve().parents[2] / "public" / "admin" / "index.html"
+
+
+def _date(value: str | None, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        parsed = date.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(400, f"{name}: expected a date like 2026-11-22") from None
+    if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+        raise HTTPException(400, f"{name}: a date from {FIRST_YEAR} to {LAST_YEAR}")
+    return parsed
+
+
+def _filter(request: Request) -> LogFilter:
+    q = request.query_params
+    user = q.get("user") or None
+    try:
+        user_id = uuid.UUID(user) if user else None
+    except ValueError:
+        raise HTTPException(400, "user: expected a user id") from None
+    status = q.get("status") or None
+    if status and status not in STATUSES:
+        raise HTTPException(400, f"status: one of {', '.join(STATUSES)}")
+    start, end = _date(q.get("from"), "from"), _date(q.get("to"), "to")
+    if start and end and start > end:
+        raise HTTPException(400, "from: on or before to")
+    return LogFilter(user_id, q.get("model") or None, status, start, end)
+
+
+def _cursor(request: Request) -> str | None:
+    cursor = request.query_params.get("cursor") or None
+    if cursor:
+        try:
+            decode_cursor(cursor)
+        except ValueError:
+            raise HTTPException(400, "cursor: pass back a next_cursor unchanged") from None
+    return cursor
+
+
+def _services_pool() -> asyncpg.Pool:
+    from vtai.settings import NEEDS_DATABASE
+    from vtai.ui import chat
+
+    db = chat.services().db
+    if db is None:
+        raise HTTPException(503, f"The admin dashboard {NEEDS_DATABASE}")
+    return db.pool
+
+
+def _services_period() -> str:
+    from vtai.ui import chat
+
+    return chat.services().settings.usage_period
+
+
+def build_router(
+    get_pool: Callable[[], asyncpg.Pool] = _services_pool,
+    get_period: Callable[[], str] = _services_period,
+) -> APIRouter:
+    # Every route: a GET passes, anything that changes state must come from our own origin.
+    router = APIRouter(dependencies=[Depends(same_origin)])
+
+    async def require_admin(request: Request) -> asyncpg.Record:
+        try:
+            return await admin_from_request(request, get_pool())
+        except NotSignedIn:
+            raise HTTPException(401, "sign in first") from None
+
+    Admin = Annotated[asyncpg.Record, Depends(require_admin)]
+
+    @router.get("/admin", include_in_schema=False)
+    @router.get("/admin/", include_in_schema=False)
+    async def page(request: Request):
+        try:
+            await admin_from_request(request, get_pool())
+        except NotSignedIn:
+            return RedirectResponse("/login", status_code=303)
+        except HTTPException as exc:
+            return HTMLResponse(
+                f"<p>{exc.detail}. <a href='/'>Back to the chat</a></p>",
+                status_code=exc.status_code,
+            )
+        return FileResponse(PAGE, headers={"Cache-Control": "no-store"})
+
+    @router.get("/admin/api/summary")
+    async def api_summary(admin: Admin):
+        return await summary(get_pool(), get_period())
+
+    @router.get("/admin/api/series")
+    async def api_series(admin: Admin, days: int = 30):
+        if not 1 <= days <= 366:
+            raise HTTPException(400, "days: 1 to 366")
+        return await series(get_pool(), days)
+
+    @router.get("/admin/api/users")
+    async def api_users(admin: Admin):
+        table = await user_table(get_pool(), get_period())
+        table["models"] = await models(get_pool())
+        return table
+
+    @router.post("/admin/api/users/{user_id}/tier")
+    async def api_set_tier(user_id: uuid.UUID, request: Request, admin: Admin):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        tier = body.get("tier") if isinstance(body, dict) else None
+        if not isinstance(tier, str) or not tier:
+            raise HTTPException(400, 'send {"tier": "<name>"}')
+        try:
+            changed = await set_tier(get_pool(), user_id, tier)
+        except TierError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        log.info("admin %s set %s's tier to %s", admin["username"], changed["username"], tier)
+        return changed
+
+    @router.get("/admin/api/logs")
+    async def api_logs(request: Request, admin: Admin):
+        f = _filter(request)
+        cursor = _cursor(request)
+        try:
+            limit = min(max(int(request.query_params.get("limit") or PAGE_SIZE), 1), 500)
+        except ValueError:
+            raise HTTPException(400, "limit: a number from 1 to 500") from None
+        return await log_page(get_pool(), f, cursor, limit)
+
+    @router.get("/admin/api/logs.csv")
+    async def api_logs_csv(request: Request, admin: Admin):
+        f = _filter(request)
+        name = f"request_logs_{datetime.now(UTC):%Y%m%d_%H%M%S}.csv"
+        return StreamingResponse(
+            csv_rows(get_pool(), f),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    @router.get("/admin/api/feedback")
+    async def api_feedback(admin: Admin):
+        return await feedback(get_pool())
+
+    @router.get("/admin/api/balances")
+    async def api_balances(admin: Admin):
+        return await balances.read(get_pool())
+
+    @router.post("/admin/api/balances/sync")
+    async def api_balances_sync(admin: Admin):
+        return await balances.sync(get_pool())
+
+    return router
+
+
+def register(
+    app: FastAPI,
+    get_pool: Callable[[], asyncpg.Pool] = _services_pool,
+    get_period: Callable[[], str] = _services_period,
+) -> None:
+    """Add the admin routes to `app`, ahead of Chainlit's catch-all `/{full_path:path}`.
+
+    Calling it again (Chainlit's --watch re-imports main.py) replaces the routes.
+    """
+    app.router.routes[:] = [r for r in app.router.routes if not getattr(r, "vtai_admin", False)]
+    before = len(app.router.routes)
+    app.include_router(build_router(get_pool, get_period))
+    added = app.router.routes[before:]
+    for route in added:
+        route.vtai_admin = True
+    del app.router.routes[before:]
+    app.router.routes[0:0] = added

@@ -1,0 +1,1 @@
+"""Models, token counts, provider errors and the local model."""

@@ -1,0 +1,1 @@
+"""Metering: a turn gated, called and recorded (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Supabase over its REST API: metering and Supabase Auth logins."""

@@ -1,0 +1,1 @@
+"""The Chainlit side: the chat, its history and the quota line."""

@@ -1,0 +1,1 @@
+"""The HTTP edge: origins and headers, login sessions, uploads."""
