@@ -67,7 +67,7 @@ async def test_answer_is_streamed_and_logged_once(services, conn):
     assert r["total_cost"] > 0  # LiteLLM's price for gpt-4o-mini
     details = r["additional_details"]
     # mock_response sends no usage of its own: LiteLLM counts it, so the row says estimated
-    # (tests/test_provider_faults.py covers a provider that reports usage).
+    # (tests/metering/test_provider_faults.py covers a provider that reports usage).
     assert '"tier": "free"' in details and '"estimated": true' in details
     assert await conn.fetch("select * from vtai_verify_counters()") == []
     assert await conn.fetchval("select reserved from usage_counters") == 0
