@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 import asyncpg  # noqa: E402
 
-from vtai import migrations  # noqa: E402
+from vtai.db import migrations  # noqa: E402
 
 # A tier no benchmark reaches by accident, so the gate always does its full arithmetic.
 BENCH_TIER = "bench"

@@ -34,7 +34,7 @@ from tests.conftest import build_template, create_database, make_settings  # noq
 from tests.db.test_embedded import kill_postmaster  # noqa: E402
 from tests.fake_provider import FakeProvider  # noqa: E402
 from tests.test_app_kill import kill_mid_burst, setup_users  # noqa: E402
-from vtai import embedded_pg  # noqa: E402
+from vtai.db import embedded as embedded_pg  # noqa: E402
 from vtai.metering.logger import estimate_tokens  # noqa: E402
 from vtai.metering.turn import TurnRequest, TurnRunner  # noqa: E402
 from vtai.services import Services  # noqa: E402

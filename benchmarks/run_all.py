@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from vtai import migrations  # noqa: E402
+from vtai.db import migrations  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -38,8 +38,8 @@ import litellm  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import ms, pct  # noqa: E402
-from vtai import litellm_stream_end  # noqa: E402
 from vtai.db.connection import Database  # noqa: E402
+from vtai.llm import stream_end as litellm_stream_end  # noqa: E402
 from vtai.metering.ahead import NextTurn  # noqa: E402
 from vtai.metering.gate import Gate  # noqa: E402
 from vtai.metering.turn import TurnRequest, TurnRunner  # noqa: E402

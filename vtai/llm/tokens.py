@@ -168,7 +168,7 @@ class _LocalCounter:
         self._messages: dict[tuple[str, str], int] = {}  # (role, content) -> tokens
 
     def _model(self):
-        from vtai import local_model  # loads llama.cpp; only the local model needs it
+        from vtai.llm import local_model  # loads llama.cpp; only the local model needs it
 
         return local_model
 
