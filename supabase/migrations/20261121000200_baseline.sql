@@ -27,7 +27,7 @@ create table if not exists public.tiers (
   rank int not null default 0
 );
 
--- The app overwrites limits from VTAI_LIMIT_* at start-up (vtai/tiers.py holds the defaults).
+-- The app overwrites limits from VTAI_LIMIT_* at start-up (vtai/db/connection.py sync_tiers).
 insert into public.tiers (name, token_limit, rank) values
   ('free', 10000, 0),
   ('basic', 100000, 1),

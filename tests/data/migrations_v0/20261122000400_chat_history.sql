@@ -10,7 +10,7 @@
 --   failing every insert until someone writes a migration.
 -- * Feedback cascades with its step, so deleting a chat deletes its ratings and comments too.
 --
--- "User".id is VT.ai's profiles.id (vtai/ui/history.py makes it so), which is auth.uid() on
+-- "User".id is VT.ai's profiles.id (vtai/history.py makes it so), which is auth.uid() on
 -- Supabase, so the policies below compare against auth.uid() directly. Ids stay text, as
 -- Chainlit treats every id as an opaque string.
 --

@@ -1,6 +1,6 @@
 -- Provider balances for the admin dashboard, and the indexes its request log browser pages on.
 --
--- One row per configured provider, written only by the server (vtai/admin/balances.py). A failed
+-- One row per configured provider, written only by the server (vtai/balances.py). A failed
 -- sync keeps the last good balance and fetched_at and records error / error_at beside them,
 -- so the dashboard can show "$12.30 as of yesterday; last sync failed: timeout".
 -- Supabase's default privileges grant anon and authenticated ALL on new tables in public, so

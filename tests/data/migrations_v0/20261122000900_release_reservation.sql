@@ -1,5 +1,5 @@
 -- Give back a reservation no turn will use: a chat's reservation for its next turn
--- (vtai/metering/ahead.py) when the chat closes or the message that came is bigger than it.
+-- (vtai/next_turn.py) when the chat closes or the message that came is bigger than it.
 -- Idempotent: a reservation already settled, expired or released is simply not there.
 -- Lock order is the ledger's (reservation, then counter), so it queues behind a settle and
 -- never deadlocks with one; vtai_reserve() skips locked reservations.
