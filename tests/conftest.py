@@ -21,7 +21,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import asyncpg  # noqa: E402
 import pytest  # noqa: E402
 
-from vtai import users  # noqa: E402
+from vtai.db import accounts as users  # noqa: E402
 from vtai.db import migrations
 from vtai.services import Services  # noqa: E402
 from vtai.settings import Settings  # noqa: E402
