@@ -294,7 +294,9 @@ async def model_weight(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtai", description="Manage VT.ai users and usage.")
+    parser = argparse.ArgumentParser(
+        prog="vtai", description="Manage VT.ai users, usage and models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     user = sub.add_parser("user", help="manage accounts").add_subparsers(
