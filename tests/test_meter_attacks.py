@@ -393,12 +393,15 @@ def vtai(app: App, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
-async def picker(app: App, user) -> list[str]:
-    """The models a new chat's settings offer."""
+async def picker(app: App, user, labels: bool = False) -> list:
+    """The models a new chat's settings offer (with `labels`: (label, model) pairs)."""
     async with await app.chat(user) as client:
         for event, data in client.events:
             if event == "chat_settings":
                 (select,) = [w for w in data if w["id"] == "model"]
+                assert select["initial"] == MODEL
+                if labels:
+                    return [(item["label"], item["value"]) for item in select["items"]]
                 return [item["value"] for item in select["items"]]
     raise AssertionError("no chat settings")
 
@@ -430,6 +433,8 @@ async def test_catalogued_model_is_offered_and_called_with_its_base_and_named_ke
 
     offered = await picker_until(app, user, lambda o: model in o)
     assert offered[0] == MODEL
+    labelled = await picker(app, user, labels=True)
+    assert ("Catalogued", model) in labelled and ("GPT-4o mini", "gpt-4o-mini") in labelled
     before = len(provider.calls)
     async with await app.chat(user) as client:
         mark = len(client.events)

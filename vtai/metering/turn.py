@@ -357,6 +357,15 @@ class TurnRunner:
         entries = self.catalogue.entries if self.catalogue is not None else None
         return models.available_models(self.settings.model, settings=self.settings, entries=entries)
 
+    def labels(self, offered: list[str]) -> dict[str, str]:
+        """The picker's items, label -> model: the catalogue's display name, else the id."""
+        items: dict[str, str] = {}
+        for model in offered:
+            entry = self.catalogue.get(model) if self.catalogue is not None else None
+            label = entry.display_name if entry is not None and entry.display_name else model
+            items[f"{label} ({model})" if label in items else label] = model
+        return items
+
     async def refresh_models(self) -> None:
         """Read the catalogue again if the process's copy is older than its refresh time."""
         if self.catalogue is not None:

@@ -134,7 +134,14 @@ async def start(past: list[dict] | None = None, model: str | None = None) -> Non
     cl.user_session.set("next_turn", holder)
     s.runner.reserve_ahead(holder, _user_id(), offered[chosen], past or [])
     await cl.ChatSettings(
-        [Select(id="model", label="Model", values=offered, initial_index=chosen)]
+        [
+            Select(
+                id="model",
+                label="Model",
+                items=s.runner.labels(offered),
+                initial_value=offered[chosen],
+            )
+        ]
     ).send()
     # A button by the message box: the quota is always one click away.
     await cl.context.emitter.set_commands([USAGE_COMMAND])
