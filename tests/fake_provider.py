@@ -71,6 +71,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         mode = _scripted(body)
     request.app["calls"].append(mode)
     request.app["bodies"].append(body)
+    request.app["keys"].append(request.headers.get("Authorization"))
     with request.app["arrived"]:
         request.app["arrived"].notify_all()
     if mode == "401":
@@ -141,12 +142,15 @@ class FakeProvider(BackgroundServer):
         super().__init__()
         self.calls: list[str] = []
         self.bodies: list[dict] = []
+        # each request's Authorization header, in arrival order
+        self.keys: list[str | None] = []
         self.arrived = threading.Condition()
 
     def build_app(self) -> web.Application:
         app = web.Application()
         app["calls"] = self.calls
         app["bodies"] = self.bodies
+        app["keys"] = self.keys
         app["arrived"] = self.arrived
         app.router.add_post("/{mode}/chat/completions", _completions)
         return app

@@ -140,3 +140,72 @@ async def test_logout_disable_enable_and_password_end_logins(run, db_url):
         assert code != 0 and "no user named 'nobody'" in err
     finally:
         await conn.close()
+
+
+async def test_model_catalogue_add_list_disable_weight(run, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("MINE_KEY", "sk-mine")
+    code, out, _ = await run(
+        "model",
+        "add",
+        "openai/mine",
+        "--display",
+        "Mine",
+        "--api-base",
+        "http://127.0.0.1:9/v1",
+        "--api-key-env",
+        "MINE_KEY",
+        "--price-in",
+        "0.000001",
+        "--price-out",
+        "0.000002",
+        "--weight",
+        "2.5",
+    )
+    assert code == 0 and out.startswith("added openai/mine at http://127.0.0.1:9/v1 (offered)")
+    code, out, _ = await run("model", "list")
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert code == 0 and "status" in out.splitlines()[0]
+    assert "unavailable: OPENAI_API_KEY is not set" in lines["gpt-4o"]
+    assert lines["openai/mine"].endswith("available") and "2.5" in lines["openai/mine"]
+    assert "1e-06" in lines["openai/mine"] and lines["local/smollm2-135m"].endswith("available")
+    assert list(lines)[-1] == "openai/mine"  # appended to the picker's order
+
+    assert (await run("model", "disable", "openai/mine"))[0] == 0
+    _, out, _ = await run("model", "list")
+    assert "unavailable: disabled" in out
+    assert (await run("model", "enable", "openai/mine"))[0] == 0
+
+    code, out, err = await run("model", "weight", "openrouter/*", "0")
+    assert code == 0 and err == ""
+    assert out.splitlines() == [
+        "openrouter/meta-llama/llama-3.3-70b-instruct: weight 0",
+        "openrouter/openai/gpt-4o-mini: weight 0",
+    ]
+    code, out, err = await run("model", "weight", "nothing-*", "3")
+    assert code == 0 and out == "" and err == "vtai: warning: no model matches 'nothing-*'\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("model", "add", "not a model at all"), "NAME: "),
+        (("model", "add", "gpt-4o"), "NAME: 'gpt-4o' is already in the catalogue"),
+        (("model", "add", "openai/x", "--api-base", "ftp://h"), "--api-base: "),
+        (("model", "add", "openai/x", "--api-base", "http://h/v1"), "--api-key-env: required"),
+        (
+            ("model", "add", "openai/x", "--api-base", "http://h", "--api-key-env", "sk-abc"),
+            "--api-key-env: 'sk-abc' is not a variable name",
+        ),
+        (("model", "add", "openai/x", "--price-in", "-1"), "--price-in: must be a non-negative"),
+        (("model", "add", "openai/x", "--price-out", "cheap"), "--price-out: must be"),
+        (("model", "add", "openai/x", "--weight", "nan"), "--weight: must be a non-negative"),
+        (("model", "weight", "gpt-*", "-2"), "WEIGHT: must be a non-negative number"),
+        (("model", "weight", "gpt-*", "inf"), "WEIGHT: must be a non-negative number"),
+        (("model", "disable", "nope/nothing"), "NAME: no model 'nope/nothing'"),
+    ],
+)
+async def test_model_bad_input_is_one_line_naming_the_field(run, argv, expected):
+    code, out, err = await run(*argv)
+    assert code == 2 and err.startswith("vtai: ") and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err

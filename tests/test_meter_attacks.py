@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -26,6 +29,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 MODEL = "openai/fake"
 LOCAL = "local/smollm2-135m"
 MAX_TOKENS = 40
+CATALOGUE_KEY_ENV = "VTAI_TEST_CATALOGUE_KEY"
+CATALOGUE_KEY = "sk-catalogue-from-the-named-variable"
 
 ADVERSARIAL = {
     "digits": " ".join(str(7**i % 1000003) for i in range(60)),
@@ -142,6 +147,8 @@ async def app(pg_server, template_db, tmp_path_factory, provider, listener):
         "VTAI_REQUEST_TIMEOUT": "30",
         "VTAI_DISCONNECT_GRACE": "1",
         "VTAI_MAX_MESSAGE_CHARS": "20000",
+        # The key of a model the operator catalogues with `vtai model add --api-key-env`.
+        CATALOGUE_KEY_ENV: CATALOGUE_KEY,
     }
     data_dir = tmp_path_factory.mktemp("attacks")
     async with running_app(url, data_dir, **env) as base:
@@ -375,3 +382,99 @@ async def test_odd_events_are_ignored_not_crashes_and_settings_keep_only_the_mod
     assert "Traceback" not in new_log, new_log[-3000:]
     rows = await app.fetch('select length(metadata::text) as n from "Thread" where id = $1', thread)
     assert rows and rows[0]["n"] < 10_000
+
+
+def vtai(app: App, *argv: str) -> subprocess.CompletedProcess:
+    """The `vtai` command, as the operator runs it, against the running app's database."""
+    env = dict(os.environ, VTAI_DATABASE_URL=app.db_url, VTAI_DATA_DIR=str(app.log.parent))
+    env.pop(CATALOGUE_KEY_ENV, None)  # the CLI needs no key; the app reads it
+    return subprocess.run(
+        [sys.executable, "-m", "vtai.cli", *argv], env=env, capture_output=True, text=True
+    )
+
+
+async def picker(app: App, user, labels: bool = False) -> list:
+    """The models a new chat's settings offer (with `labels`: (label, model) pairs)."""
+    async with await app.chat(user) as client:
+        for event, data in client.events:
+            if event == "chat_settings":
+                (select,) = [w for w in data if w["id"] == "model"]
+                assert select["initial"] == MODEL
+                if labels:
+                    return [(item["label"], item["value"]) for item in select["items"]]
+                return [item["value"] for item in select["items"]]
+    raise AssertionError("no chat settings")
+
+
+async def picker_until(app: App, user, condition, timeout: float = 20.0) -> list[str]:
+    """The picker once `condition` holds (the app reads the catalogue every few seconds)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            offered = await picker(app, user)
+            if condition(offered):
+                return offered
+            await asyncio.sleep(0.5)
+
+
+async def test_catalogued_model_is_offered_and_called_with_its_base_and_named_key(app, provider):
+    user = await app.user()
+    model = "openai/catalogued-ok"
+    added = await asyncio.to_thread(
+        vtai,
+        app,
+        *("model", "add", model, "--display", "Catalogued", "--api-base", provider.url("ok")),
+        *("--api-key-env", CATALOGUE_KEY_ENV, "--price-in", "0.001", "--price-out", "0.002"),
+    )
+    assert added.returncode == 0, added.stderr
+    # Not offered in the CLI's environment (no key there), offered by the app, which has it.
+    assert f"not offered here yet: {CATALOGUE_KEY_ENV} is not set" in added.stdout
+    listed = await asyncio.to_thread(vtai, app, "model", "list")
+    assert f"unavailable: {CATALOGUE_KEY_ENV} is not set" in listed.stdout
+
+    offered = await picker_until(app, user, lambda o: model in o)
+    assert offered[0] == MODEL
+    labelled = await picker(app, user, labels=True)
+    assert ("Catalogued", model) in labelled and ("GPT-4o mini", "gpt-4o-mini") in labelled
+    before = len(provider.calls)
+    async with await app.chat(user) as client:
+        mark = len(client.events)
+        await client.change_settings(model=model)
+        await client.collect(mark)  # the change is a task of its own: send once it has ended
+        reply = await client.send("hello catalogue")
+    assert reply.answer is not None
+    # Through the real server to the catalogue's api_base ("ok"; the default goes to
+    # "script"), with the key read from the variable the catalogue names.
+    assert provider.calls[before:] == ["ok"]
+    assert provider.keys[-1] == f"Bearer {CATALOGUE_KEY}"
+    (row,) = await app.rows(user, 1)
+    assert row["model"] == model and row["status"] == "success"
+    # The catalogue's prices win: 11 prompt tokens and the answer's words, as the fake reports.
+    expected = 0.001 * row["prompt_tokens"] + 0.002 * row["completion_tokens"]
+    assert float(row["total_cost"]) == pytest.approx(expected)
+
+
+async def test_disabled_catalogued_model_is_refused_and_nothing_is_sent(app, provider):
+    user = await app.user()
+    model = "openai/catalogued-off"
+    added = await asyncio.to_thread(
+        vtai,
+        app,
+        *("model", "add", model, "--api-base", provider.url("ok")),
+        *("--api-key-env", CATALOGUE_KEY_ENV),
+    )
+    assert added.returncode == 0, added.stderr
+    await picker_until(app, user, lambda o: model in o)
+    disabled = await asyncio.to_thread(vtai, app, "model", "disable", model)
+    assert disabled.returncode == 0, disabled.stderr
+    await picker_until(app, user, lambda o: model not in o)
+    before = len(provider.calls)
+    async with await app.chat(user) as client:
+        mark = len(client.events)
+        await client.change_settings(model=model)
+        await client.wait_for(lambda: client.reply_since(mark).messages)
+        assert "not offered" in client.reply_since(mark).text
+        reply = await client.send("hello there")
+        assert reply.answer is not None  # still answered, on the chat's own model
+    assert provider.calls[before:] == ["bytes"]
+    rows = await app.rows(user, 1)
+    assert {r["model"] for r in rows} == {MODEL}

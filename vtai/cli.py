@@ -1,4 +1,4 @@
-"""The `vtai` command: users, usage and the spool, against the same database as the app.
+"""The `vtai` command: users, usage, models and the spool, against the same database as the app.
 
 Every failure is one line on stderr and a non-zero exit; no stack traces.
 """
@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from vtai.admin import balances
 from vtai.db import accounts as users
 from vtai.db.connection import Database, DatabaseError
+from vtai.llm import catalogue, models
 from vtai.metering.gate import Gate
 from vtai.metering.ledger import Ledger
 from vtai.metering.spool import ReplayStopped, Spool
@@ -211,8 +212,91 @@ async def balances_sync(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, work)
 
 
+async def model_add(settings: Settings, args: argparse.Namespace) -> int:
+    price_in = catalogue.parse_price(args.price_in, "--price-in")
+    price_out = catalogue.parse_price(args.price_out, "--price-out")
+    weight = catalogue.parse_weight(args.weight, "--weight")
+
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            entry = await catalogue.add(
+                conn,
+                args.name,
+                args.display,
+                args.api_base,
+                args.api_key_env,
+                price_in,
+                price_out,
+                weight,
+            )
+        reason = models.unavailable_reason(entry, settings=settings)
+        where = f" at {entry.api_base}" if entry.api_base else ""
+        state = "offered" if reason is None else f"not offered here yet: {reason}"
+        print(f"added {entry.model}{where} ({state})")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+def _price(value: float | None) -> str:
+    return "-" if value is None else f"{value:.10g}"
+
+
+async def model_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            entries = await catalogue.read(conn)
+        if not entries:
+            print("no models in the catalogue: add one with `vtai model add NAME`")
+        print(
+            f"{'model':<46} {'display':<28} {'weight':>6} {'in $/tok':>10} {'out $/tok':>10}"
+            "  status"
+        )
+        for e in entries:
+            reason = models.unavailable_reason(e, settings=settings)
+            status = "available" if reason is None else f"unavailable: {reason}"
+            print(
+                f"{e.model:<46} {(e.display_name or '-'):<28} {e.weight:>6g} "
+                f"{_price(e.price_in):>10} {_price(e.price_out):>10}  {status}"
+            )
+        return 0
+
+    return await _with_db(settings, work)
+
+
+def _toggle(enabled: bool):
+    async def run(settings: Settings, args: argparse.Namespace) -> int:
+        async def work(db: Database) -> int:
+            async with db.pool.acquire() as conn:
+                await catalogue.set_enabled(conn, args.name, enabled)
+            state = "enabled" if enabled else "disabled: no longer offered or run"
+            print(f"{args.name} is {state}")
+            return 0
+
+        return await _with_db(settings, work)
+
+    return run
+
+
+async def model_weight(settings: Settings, args: argparse.Namespace) -> int:
+    weight = catalogue.parse_weight(args.weight, "WEIGHT")
+
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            changed = await catalogue.set_weight(conn, args.pattern, weight)
+        if not changed:
+            print(f"vtai: warning: no model matches {args.pattern!r}", file=sys.stderr)
+        for name in changed:
+            print(f"{name}: weight {weight:g}")
+        return 0
+
+    return await _with_db(settings, work)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtai", description="Manage VT.ai users and usage.")
+    parser = argparse.ArgumentParser(
+        prog="vtai", description="Manage VT.ai users, usage and models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     user = sub.add_parser("user", help="manage accounts").add_subparsers(
@@ -253,6 +337,30 @@ def build_parser() -> argparse.ArgumentParser:
     spool.add_parser("status").set_defaults(run=spool_status)
     spool.add_parser("replay").set_defaults(run=spool_replay)
 
+    model = sub.add_parser("model", help="the models the chat offers").add_subparsers(
+        dest="action", required=True
+    )
+    madd = model.add_parser("add", help="add a model to the catalogue")
+    madd.add_argument("name", help="the LiteLLM model name, e.g. openai/my-model")
+    madd.add_argument("--display", help="the name people see")
+    madd.add_argument("--api-base", help="an OpenAI-compatible server's base URL")
+    madd.add_argument("--api-key-env", help="the NAME of the variable holding its key")
+    madd.add_argument("--price-in", help="USD per prompt token (wins over LiteLLM's price)")
+    madd.add_argument("--price-out", help="USD per completion token")
+    madd.add_argument("--weight", default="1")
+    madd.set_defaults(run=model_add)
+    model.add_parser("list", help="the catalogue, and why a model is not offered").set_defaults(
+        run=model_list
+    )
+    for name, enabled in (("disable", False), ("enable", True)):
+        toggle = model.add_parser(name, help=f"{name} a model")
+        toggle.add_argument("name")
+        toggle.set_defaults(run=_toggle(enabled))
+    mweight = model.add_parser("weight", help="set the weight of the models matching PATTERN")
+    mweight.add_argument("pattern", help="shell-style; * matches / too")
+    mweight.add_argument("weight")
+    mweight.set_defaults(run=model_weight)
+
     bal = sub.add_parser("balances", help="provider account balances").add_subparsers(
         dest="action", required=True
     )
@@ -265,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         return asyncio.run(args.run(settings, args))
-    except (CliError, SettingsError, DatabaseError, users.UserError) as exc:
+    except (
+        CliError,
+        SettingsError,
+        DatabaseError,
+        users.UserError,
+        catalogue.CatalogueError,
+    ) as exc:
         print(f"vtai: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from vtai.db import accounts
 from vtai.db.accounts import LoginThrottle, Profile
 from vtai.db.connection import Database
 from vtai.llm import stream_end
+from vtai.llm.catalogue import Catalogue
 from vtai.metering.gate import Gate
 from vtai.metering.ledger import Ledger
 from vtai.metering.logger import CallNotes, MeteringLogger
@@ -94,7 +95,9 @@ class Services:
             "usage gate fails %s when the database is down (VTAI_GATE_FAIL_MODE)",
             settings.gate_fail_mode,
         )
-        runner = TurnRunner(gate, ledger, notes, settings)
+        catalogue = Catalogue(db.pool if db is not None else None)
+        await catalogue.fresh()
+        runner = TurnRunner(gate, ledger, notes, settings, catalogue=catalogue)
         return cls(settings, db, gate, ledger, runner, callback, LoginThrottle(), store, auth)
 
     async def authenticate(self, username: str, password: str) -> Profile | None:

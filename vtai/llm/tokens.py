@@ -23,7 +23,7 @@ import unicodedata
 
 import litellm
 
-from vtai.llm.models import LOCAL_MODEL_ID
+from vtai.llm.models import LOCAL_MODEL_ID, catalogue_price
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,11 @@ def cost(
 
     Per-model rates are asked of LiteLLM once (a LiteLLM pricing call is ~0.25 ms, on the
     answer's path); a model whose prices depend on the call's size is priced by LiteLLM
-    every time."""
+    every time. A price in the operator's catalogue (vtai.llm.catalogue) wins over LiteLLM's,
+    cached and reasoning tokens included."""
+    price = catalogue_price(model)
+    if price is not None:
+        return price[0] * prompt_tokens + price[1] * completion_tokens
     rates = _rates(model)
     if rates is None:
         return None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import litellm
 
 from vtai.llm import errors, models, tokens
+from vtai.llm.catalogue import Catalogue
 from vtai.metering import rows
 from vtai.metering.ahead import NEW_MESSAGE, NextTurn
 from vtai.metering.encoding import sanitize
@@ -202,9 +203,12 @@ class TurnRunner:
         calls: OpenCalls,
         settings: Settings,
         call_options: dict | None = None,
+        catalogue: Catalogue | None = None,
     ):
         # call_options reach litellm.acompletion as-is (tests pass mock_response or api_base)
         self.call_options = call_options or {}
+        # The operator's models (vtai.llm.catalogue); None: the built-in list.
+        self.catalogue = catalogue
         self.gate = gate
         self.ledger = ledger
         # shared with the LiteLLM callback: which of the two writes a call's row
@@ -348,8 +352,24 @@ class TurnRunner:
         )
 
     def offered(self) -> list[str]:
-        """The models this server runs for a user: the chat's picker list, checked per turn."""
-        return models.available_models(self.settings.model, settings=self.settings)
+        """The models this server runs for a user: the chat's picker list, checked per turn.
+        From the process's copy of the catalogue; `refresh_models` reads it again when due."""
+        entries = self.catalogue.entries if self.catalogue is not None else None
+        return models.available_models(self.settings.model, settings=self.settings, entries=entries)
+
+    def labels(self, offered: list[str]) -> dict[str, str]:
+        """The picker's items, label -> model: the catalogue's display name, else the id."""
+        items: dict[str, str] = {}
+        for model in offered:
+            entry = self.catalogue.get(model) if self.catalogue is not None else None
+            label = entry.display_name if entry is not None and entry.display_name else model
+            items[f"{label} ({model})" if label in items else label] = model
+        return items
+
+    async def refresh_models(self) -> None:
+        """Read the catalogue again if the process's copy is older than its refresh time."""
+        if self.catalogue is not None:
+            await self.catalogue.fresh()
 
     def _refuse(
         self,
@@ -385,6 +405,8 @@ class TurnRunner:
             "num_retries": 0,
             "max_retries": 0,
             "timeout": self.settings.request_timeout,
+            # A catalogued OpenAI-compatible server: its api_base and the named variable's key.
+            **models.call_options(self.catalogue.get(req.model) if self.catalogue else None),
             **self.call_options,
         }
         loop = asyncio.get_running_loop()
@@ -423,6 +445,7 @@ class TurnRunner:
     ) -> TurnOutcome:
         """One turn: check the input, fit and reserve, stream the answer, account for it."""
         call_id = str(uuid.uuid4())
+        await self.refresh_models()
         checked = self._check(req, call_id)
         if isinstance(checked, TurnOutcome):
             return checked

@@ -121,6 +121,7 @@ async def _settled_quota_line(outcome) -> str | None:
 
 async def start(past: list[dict] | None = None, model: str | None = None) -> None:
     s = services()
+    await s.runner.refresh_models()
     offered = s.runner.offered()
     # A resumed chat whose model is no longer offered continues on the default.
     chosen = offered.index(model) if model in offered else 0
@@ -133,7 +134,14 @@ async def start(past: list[dict] | None = None, model: str | None = None) -> Non
     cl.user_session.set("next_turn", holder)
     s.runner.reserve_ahead(holder, _user_id(), offered[chosen], past or [])
     await cl.ChatSettings(
-        [Select(id="model", label="Model", values=offered, initial_index=chosen)]
+        [
+            Select(
+                id="model",
+                label="Model",
+                items=s.runner.labels(offered),
+                initial_value=offered[chosen],
+            )
+        ]
     ).send()
     # A button by the message box: the quota is always one click away.
     await cl.context.emitter.set_commands([USAGE_COMMAND])
@@ -167,6 +175,7 @@ async def settings_update(values: dict) -> None:
     model = values.get("model")
     if model is None:
         return
+    await services().runner.refresh_models()
     if model not in services().runner.offered():
         # Whatever the client sends, only an offered model is ever called (vtai.metering.turn checks
         # again); the picker keeps the chat's current one.

@@ -1,0 +1,219 @@
+"""The operator's model catalogue: the `models` table (supabase/migrations/
+20261201001000_model_catalogue.sql), read by the app and edited by `vtai model`.
+
+The app asks for the offered models on every turn, so the catalogue is kept in the process and
+read again at most every REFRESH seconds (a query of a table of tens of rows). Without a
+database pool (the Supabase REST path) the built-in list is offered; when a read fails, the
+last list read stays (or the built-in one, before the first read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import time
+from decimal import Decimal
+
+from vtai.llm import models
+from vtai.llm.models import BUILTIN_MODELS, ModelEntry
+
+log = logging.getLogger(__name__)
+
+# How old the process's copy may get before a turn reads the table again, in seconds.
+REFRESH = 5.0
+READ_TIMEOUT = 2.0
+
+COLUMNS = (
+    "model, display_name, api_base, api_key_env, provider_key, price_in, price_out, weight, enabled"
+)
+
+
+class CatalogueError(Exception):
+    """Bad input to `vtai model`: one line naming the field."""
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, Decimal | int | float) else None
+
+
+def entry_of(row) -> ModelEntry:
+    return ModelEntry(
+        model=row["model"],
+        display_name=row["display_name"],
+        api_base=row["api_base"],
+        api_key_env=row["api_key_env"],
+        provider_key=row["provider_key"],
+        price_in=_number(row["price_in"]),
+        price_out=_number(row["price_out"]),
+        weight=float(row["weight"]),
+        enabled=row["enabled"],
+    )
+
+
+async def read(conn) -> list[ModelEntry]:
+    """Every catalogued model, enabled or not, in the picker's order."""
+    rows = await conn.fetch(f"select {COLUMNS} from public.models order by position, model")
+    return [entry_of(r) for r in rows]
+
+
+class Catalogue:
+    """The process's copy of the catalogue; `entries` never waits for the database."""
+
+    def __init__(self, pool=None, refresh: float = REFRESH):
+        self.pool = pool
+        self.refresh_after = refresh
+        self.entries: tuple[ModelEntry, ...] = BUILTIN_MODELS
+        self._by_model = {e.model: e for e in self.entries}
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()
+        self._failing = False
+        if pool is None:
+            log.warning(
+                "no database pool: the model catalogue (`vtai model`) is not read; offering "
+                "the built-in list"
+            )
+
+    def get(self, model: str) -> ModelEntry | None:
+        return self._by_model.get(model)
+
+    def _set(self, entries: list[ModelEntry]) -> None:
+        self.entries = tuple(entries)
+        self._by_model = {e.model: e for e in entries}
+        models.set_catalogue_prices(entries)
+
+    async def fresh(self) -> tuple[ModelEntry, ...]:
+        """The entries, read again first if the copy is older than REFRESH seconds."""
+        if self.pool is None:
+            return self.entries
+        if self._read_at is not None and time.monotonic() - self._read_at < self.refresh_after:
+            return self.entries
+        async with self._lock:
+            if self._read_at is not None and time.monotonic() - self._read_at < self.refresh_after:
+                return self.entries
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    entries = await read(self.pool)
+            except Exception as exc:
+                if not self._failing:
+                    log.warning(
+                        "reading the model catalogue failed (%s); offering the %s list",
+                        type(exc).__name__,
+                        "last" if self._read_at is not None else "built-in",
+                    )
+                self._failing = True
+                # Not again on every turn while the database is away.
+                self._read_at = time.monotonic()
+                return self.entries
+            if self._failing:
+                log.info("the model catalogue is read again")
+            self._failing = False
+            self._set(entries)
+            self._read_at = time.monotonic()
+        return self.entries
+
+
+# `vtai model`: edits, each one statement; bad input is a CatalogueError naming the field.
+
+
+def parse_weight(text: str, field: str = "weight") -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value == value or value < 0 or value == float("inf"):
+        raise CatalogueError(f"{field}: must be a non-negative number, not {text!r}")
+    return value
+
+
+def parse_price(text: str | None, field: str) -> float | None:
+    if text is None:
+        return None
+    return parse_weight(text, field)
+
+
+async def add(
+    conn,
+    model: str,
+    display: str | None = None,
+    api_base: str | None = None,
+    api_key_env: str | None = None,
+    price_in: float | None = None,
+    price_out: float | None = None,
+    weight: float = 1.0,
+) -> ModelEntry:
+    import re
+
+    reason = models.validate_model_id(model)
+    if reason is not None:
+        raise CatalogueError(f"NAME: {reason}")
+    var = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+    if api_key_env is not None and not var.match(api_key_env):
+        raise CatalogueError(
+            f"--api-key-env: {api_key_env!r} is not a variable name (the NAME, never the key)"
+        )
+    provider_key = None
+    if api_base is not None:
+        if not re.match(r"https?://[^\s/]+", api_base):
+            raise CatalogueError(f"--api-base: {api_base!r} is not an http(s) URL")
+        if api_key_env is None:
+            raise CatalogueError(
+                "--api-key-env: required with --api-base: the name of the variable holding "
+                "that server's key"
+            )
+    elif model != models.LOCAL_MODEL_ID:
+        import litellm
+
+        provider = litellm.get_llm_provider(model)[1]
+        provider_key = models.PROVIDER_KEY_OF.get(provider)
+        if provider_key is None and api_key_env is None:
+            raise CatalogueError(
+                f"--api-key-env: name the variable holding {provider}'s key (or pass "
+                "--api-base for an OpenAI-compatible server)"
+            )
+    row = await conn.fetchrow(
+        "insert into public.models (model, display_name, api_base, api_key_env, provider_key,"
+        " price_in, price_out, weight, position)"
+        " values ($1, $2, $3, $4, $5, $6, $7, $8,"
+        "  (select coalesce(max(position), 0) + 1 from public.models))"
+        f" on conflict (model) do nothing returning {COLUMNS}",
+        model,
+        display,
+        api_base,
+        api_key_env,
+        provider_key,
+        price_in,
+        price_out,
+        weight,
+    )
+    if row is None:
+        raise CatalogueError(f"NAME: {model!r} is already in the catalogue")
+    return entry_of(row)
+
+
+async def set_enabled(conn, model: str, enabled: bool) -> None:
+    done = await conn.fetchval(
+        "update public.models set enabled = $2, updated_at = now() where model = $1"
+        " returning model",
+        model,
+        enabled,
+    )
+    if done is None:
+        raise CatalogueError(f"NAME: no model {model!r} in the catalogue (see vtai model list)")
+
+
+def matching(pattern: str, names: list[str]) -> list[str]:
+    """Shell-style, case-sensitive; `*` matches `/` too."""
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+async def set_weight(conn, pattern: str, weight: float) -> list[str]:
+    names = [r["model"] for r in await conn.fetch("select model from public.models")]
+    chosen = matching(pattern, names)
+    if chosen:
+        await conn.execute(
+            "update public.models set weight = $2, updated_at = now() where model = any($1)",
+            chosen,
+            weight,
+        )
+    return sorted(chosen)
