@@ -49,7 +49,7 @@ async def admin_from_request(request: Request, pool: asyncpg.Pool) -> asyncpg.Re
 
 
 def same_origin(request: Request) -> None:
-    """403 for a state-changing request from a page on another origin (web_security's rule).
+    """403 for a state-changing request from a page on another origin (vtai.web.origins' rule).
 
     The cookie is SameSite=lax, so a page on another port of the same host still sends it.
     """
