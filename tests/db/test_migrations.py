@@ -145,6 +145,20 @@ async def test_migrations_run_as_non_superuser_on_supabase_shaped_database(supab
             "select pg_get_userbyid(proowner) from pg_proc where oid = 'auth.uid()'::regprocedure"
         )
         assert owner == "supabase_auth_admin"
+        # Default privileges granted anon ALL on sequences too: nobody but the server may
+        # take or set a ledger id.
+        sequences = await su.fetch(
+            "select c.oid::regclass::text as seq from pg_class c"
+            " join pg_namespace n on n.oid = c.relnamespace"
+            " where c.relkind = 'S' and n.nspname = 'public'"
+        )
+        assert sequences, "the ledger's id has a sequence"
+        for (seq,) in sequences:
+            for role in ("anon", "authenticated"):
+                for priv in ("usage", "select", "update"):
+                    assert not await su.fetchval(
+                        "select has_sequence_privilege($1, $2, $3)", role, seq, priv
+                    ), (role, seq, priv)
         # Default privileges granted anon ALL; the migrations took every bit of it back.
         for table in ("profiles", "tiers", "request_logs", "usage_counters", "reservations"):
             for role in ("anon",):
