@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 
+from vtai.web.replies import refuse
+
 log = logging.getLogger(__name__)
 
 ROUTE = "/feedback"
@@ -64,19 +66,7 @@ def _route(scope) -> bool:
 
 
 async def _reply(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await refuse(send, status, detail, ((b"cache-control", b"no-store"),))
 
 
 class FeedbackGuard:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
+
+from vtai.web.replies import refuse
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +105,8 @@ def _content_length(scope) -> int | None:
 
 
 async def _refuse(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                # The body was not read: the connection can't carry another request.
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    # The body was not read: the connection can't carry another request.
+    await refuse(send, status, detail, ((b"connection", b"close"),))
 
 
 def _private_files() -> None:
