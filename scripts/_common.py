@@ -128,6 +128,7 @@ def run(main, argv: list[str] | None = None) -> int:
 _CREATE_TABLE = re.compile(
     r"create table if not exists ([\w.]+) \((.*?)\n\);", re.IGNORECASE | re.DOTALL
 )
+_DROP_COLUMN = re.compile(r"alter table ([\w.]+) drop column (?:if exists )?(\w+)", re.I)
 _NOT_COLUMN = ("primary", "unique", "check", "constraint", "foreign", "--", "exclude")
 _TYPE_END = re.compile(
     r"\s+(not\b|null\b|default\b|primary\b|references\b|check\b|unique\b|generated\b)", re.I
@@ -170,7 +171,7 @@ def normalize_type(text: str) -> str:
 
 
 def expected_schema() -> Expected:
-    sql = "\n".join(m.sql for m in migrations.discover())
+    sql = "\n".join(m.sql for m in [*migrations.discover(), *migrations.discover_functions()])
     expected = Expected()
     for table, body in _CREATE_TABLE.findall(sql):
         columns = {}
@@ -181,6 +182,8 @@ def expected_schema() -> Expected:
             name, _, rest = line.partition(" ")
             columns[name] = normalize_type(_TYPE_END.split(rest, maxsplit=1)[0])
         expected.tables[_qualify(table)] = columns
+    for table, column in _DROP_COLUMN.findall(sql):
+        expected.tables.get(_qualify(table), {}).pop(column, None)
     for name, table, command, roles in _POLICY.findall(sql):
         expected.policies.append(
             Policy(

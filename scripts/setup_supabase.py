@@ -68,8 +68,11 @@ class Report:
             self.fail(f"{text}: {problem}" if problem else text)
 
 
-def migration_script(todo: migrations.Plan) -> str:
-    """SQL to paste into the Supabase SQL editor; records each file as setup would."""
+def migration_script(
+    todo: migrations.Plan, functions: list[migrations.FunctionFile] | None = None
+) -> str:
+    """SQL to paste into the Supabase SQL editor; records each file as setup would.
+    `functions`: the function files to (re)apply after the migrations; default all of them."""
     parts = [
         "-- VT.ai migrations for the Supabase SQL editor. Each file runs in its own transaction",
         "-- and is recorded where `supabase db push` and VT.ai look for applied migrations.",
@@ -87,6 +90,9 @@ def migration_script(todo: migrations.Plan) -> str:
         for m in todo.todo:
             parts += [f"\n-- {m.path.name}", "begin;", m.sql.strip(), migrations.record_sql(m)]
             parts.append("commit;")
+        for f in migrations.discover_functions() if functions is None else functions:
+            parts += [f"\n-- functions/{f.name}", "begin;", f.sql.strip()]
+            parts += [migrations.function_record_sql(f), "commit;"]
     except ValueError as exc:
         raise ScriptError(f"{exc} for the editor") from None
     return "\n".join(parts) + "\n"
@@ -99,7 +105,7 @@ async def apply(conn: asyncpg.Connection, url: str) -> int:
     except asyncpg.PostgresError as exc:
         raise ScriptError(describe_sql_error(exc, url, "a migration failed")) from None
     for m in applied:
-        print(f"applied migration {m.version}_{m.name}")
+        print(f"applied {m.label}")
     if not applied:
         print("migrations: none pending")
     return len(applied)
@@ -126,6 +132,13 @@ async def verify(conn: asyncpg.Connection) -> Report:
                 "migrations applied",
                 f"{len(todo.todo)} pending ({', '.join(m.version for m in todo.todo)})",
             )
+    stale = await migrations.stale_functions(conn)
+    report.check(
+        not stale,
+        "function files applied",
+        f"{', '.join(f.name for f in stale)} not applied as they are now: run"
+        " scripts/setup_supabase.py" if stale else "",
+    )
     changed = await migrations.changed(conn)
     report.check(
         not changed,
@@ -287,7 +300,7 @@ async def main(argv: list[str] | None) -> int:
                 todo = await migrations.plan(conn)
             except migrations.MigrationError as exc:
                 raise ScriptError(str(exc)) from None
-            sys.stdout.write(migration_script(todo))
+            sys.stdout.write(migration_script(todo, await migrations.stale_functions(conn)))
             return OK
         changes = 0 if args.check else await apply(conn, url)
         try:

@@ -58,7 +58,7 @@ async def repair(conn: asyncpg.Connection, dry_run: bool) -> tuple[list, list]:
                 )
         # Idempotent by design (tests/db/test_migrations.py re-runs them by hand); the legacy
         # one also drops the permissive policies on usage_logs by name.
-        for m in migrations.discover():
+        for m in [*migrations.discover(), *migrations.discover_functions()]:
             await conn.execute(m.sql)
         after = await actual_policies(conn, tables)
     except BaseException:
@@ -105,7 +105,8 @@ async def main(argv: list[str] | None) -> int:
         print(f"{verb}create policy {_label(p)}")
     if not dropped and not created:
         print("policies: already as the migrations define them")
-    print(f"{verb}re-apply revokes and grants from {len(migrations.discover())} migration files")
+    files = len(migrations.discover()) + len(migrations.discover_functions())
+    print(f"{verb}re-apply revokes and grants from {files} migration and function files")
     return OK
 
 

@@ -103,7 +103,9 @@ async def test_migrations_apply_on_empty_database_and_rerun_is_noop(empty_db_url
     conn = await asyncpg.connect(empty_db_url)
     try:
         applied = await migrations.apply_pending(conn)
-        assert [m.version for m in applied] == [m.version for m in migrations.discover()]
+        everything = [*migrations.discover(), *migrations.discover_functions()]
+        assert [m.label for m in applied] == [m.label for m in everything]
+        assert migrations.discover_functions(), "the money functions live in function files"
         recorded = await conn.fetch(
             "select version, name from supabase_migrations.schema_migrations order by version"
         )
@@ -115,8 +117,8 @@ async def test_migrations_apply_on_empty_database_and_rerun_is_noop(empty_db_url
         )
         assert [r[0] for r in checksums] == [m.sha256 for m in migrations.discover()]
         assert await migrations.apply_pending(conn) == []
-        # Every migration is also safe to run again by hand (idempotent where Postgres allows).
-        for m in migrations.discover():
+        # Every migration and function file is also safe to run again by hand.
+        for m in everything:
             await conn.execute(m.sql)
         tiers = await conn.fetch("select name, token_limit from tiers order by rank")
         assert [(r["name"], r["token_limit"]) for r in tiers] == [
@@ -160,14 +162,28 @@ async def test_migrations_run_as_non_superuser_on_supabase_shaped_database(supab
                         "select has_sequence_privilege($1, $2, $3)", role, seq, priv
                     ), (role, seq, priv)
         # Default privileges granted anon ALL; the migrations took every bit of it back.
-        for table in ("profiles", "tiers", "request_logs", "usage_counters", "reservations"):
+        for table in (
+            "profiles",
+            "tiers",
+            "request_logs",
+            "usage_counters",
+            "reservations",
+            "daily_counters",
+            "model_weights",
+            "audit_log",
+            "models",
+        ):
             for role in ("anon",):
                 for priv in ("select", "insert", "update", "delete"):
                     assert not await su.fetchval(
                         "select has_table_privilege($1, $2, $3)", role, f"public.{table}", priv
                     ), (role, table, priv)
         for fn in (
-            "vtai_reserve(uuid,integer,integer,text,integer,timestamptz)",
+            "vtai_reserve(uuid,integer,integer,text,integer,timestamptz,text,numeric,numeric,"
+            "boolean)",
+            "vtai_usage(uuid,text,timestamptz)",
+            "vtai_verify_counters()",
+            "vtai_model_weight(text)",
             "vtai_record(jsonb,text)",
             "vtai_record_batch(jsonb,text)",
             "vtai_release(uuid,uuid)",
@@ -196,7 +212,7 @@ def test_with_database_swaps_only_the_name():
 def test_each_function_has_exactly_one_body():
     pattern = re.compile(r"create(?:\s+or\s+replace)?\s+function\s+([\w.]+)", re.I)
     seen: dict[str, list[str]] = {}
-    for m in migrations.discover():
+    for m in [*migrations.discover(), *migrations.discover_functions()]:
         for name in pattern.findall(m.sql):
             seen.setdefault(name.lower(), []).append(m.path.name)
     twice = {name: files for name, files in seen.items() if len(files) > 1}
@@ -390,7 +406,8 @@ async def test_database_migrated_before_the_baseline_moves_onto_it_keeping_every
             after_baseline = [
                 m for m in migrations.discover() if m.version > max(migrations.BASELINE)
             ]
-            assert applied == after_baseline  # only the follow-ups written after the baseline
+            # only the follow-ups written after the baseline, and the function files
+            assert applied == [*after_baseline, *migrations.discover_functions()]
             assert any("recorded the baseline" in line for line in lines), lines
             assert not any("warning" in line for line in lines), lines
             recorded = await conn.fetch(
@@ -600,5 +617,76 @@ async def test_legacy_upgrade_says_how_many_rows_and_how_long_first(empty_db_url
         backfill = next(m for m in migrations.discover() if m.name == "legacy_backfill")
         await conn.execute(backfill.sql)
         assert await conn.fetch("select * from vtai_verify_aggregates()") == []
+    finally:
+        await conn.close()
+
+
+# --- Function files, and the baseline they were moved out of -----------------------------------
+
+BASELINE_V1 = Path(__file__).resolve().parents[1] / "data" / "baseline_v1"
+
+
+def test_the_baseline_as_first_released_is_the_one_accepted():
+    """The one deliberate edit of an applied file: the money functions left the baseline for
+    supabase/migrations/functions/. The runner accepts the earlier text, and only that."""
+    (old,) = migrations.discover(BASELINE_V1)
+    assert old.sha256 in migrations.EARLIER_SHA256[old.version]
+    assert "function public.vtai_reserve" in old.sql
+    now = next(m for m in migrations.discover() if m.version == old.version)
+    assert "function public.vtai_reserve" not in now.sql
+
+
+async def test_database_on_the_first_baseline_upgrades_to_the_function_files(
+    empty_db_url, tmp_path
+):
+    earlier = tmp_path / "migrations"
+    earlier.mkdir()
+    for m in migrations.discover():
+        if m.version < "20261205000000":
+            source = BASELINE_V1 / m.path.name if m.version == "20261121000200" else m.path
+            shutil.copy(source, earlier / m.path.name)
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await migrations.apply_pending(conn, earlier, functions=tmp_path / "none")
+        old_args = await conn.fetchval(
+            "select pg_get_function_identity_arguments('public.vtai_reserve'::regproc)"
+        )
+        assert "p_model" not in old_args
+        applied = await migrations.apply_pending(conn)
+        assert [m.label for m in applied] == [
+            "migration 20261205000000_plans",
+            *(f.label for f in migrations.discover_functions()),
+        ]
+        assert await migrations.changed(conn) == []
+        assert await migrations.stale_functions(conn) == []
+        # One vtai_reserve, the new one: the old signature is gone.
+        rows = await conn.fetch(
+            "select pg_get_function_identity_arguments(p.oid) as args from pg_proc p"
+            " where p.proname = 'vtai_reserve'"
+        )
+        assert len(rows) == 1 and "p_model" in rows[0]["args"]
+    finally:
+        await conn.close()
+
+
+async def test_a_changed_function_file_is_applied_again_and_only_then(empty_db_url, tmp_path):
+    functions = tmp_path / "functions"
+    shutil.copytree(migrations.FUNCTIONS_DIR, functions)
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await migrations.apply_pending(conn, functions=functions)
+        assert await migrations.apply_pending(conn, functions=functions) == []
+        edited = functions / migrations.discover_functions()[0].name
+        edited.write_text(
+            edited.read_text()
+            + "\ncomment on function public.vtai_record(jsonb, text) is 'edited';\n"
+        )
+        assert [f.name for f in await migrations.stale_functions(conn, functions)] == [edited.name]
+        applied = await migrations.apply_pending(conn, functions=functions)
+        assert [m.label for m in applied] == [f"function file {edited.name}"]
+        assert await conn.fetchval(
+            "select obj_description('public.vtai_record(jsonb, text)'::regprocedure)"
+        ) == "edited"
+        assert await migrations.stale_functions(conn, functions) == []
     finally:
         await conn.close()

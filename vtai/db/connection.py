@@ -147,7 +147,7 @@ class Database:
         try:
             applied = await migrations.apply_pending(conn)
             for m in applied:
-                log.info("applied migration %s_%s", m.version, m.name)
+                log.info("applied %s", m.label)
             await sync_tiers(conn, self.settings.tier_limits)
         except asyncpg.PostgresError as exc:
             raise DatabaseError(f"migration failed: {type(exc).__name__}: {exc}") from None

@@ -12,6 +12,13 @@ in the baseline's state, so when all twelve are recorded the baseline is recorde
 without running it, the old records move to `supabase_migrations.vtai_replaced_migrations`, and
 only the files after the baseline run. Some but not all twelve recorded: refused with one line
 (PartiallyMigrated). docs/supabase.md explains both to operators.
+
+Function files (`supabase/migrations/functions/*.sql`, FUNCTIONS_DIR) hold the bodies of the
+SQL functions that change as the rules do: each function has one body in the tree, and a rule
+changes by editing its file. After the migrations, every function file whose text differs from
+the one last applied runs again in its own transaction, and its checksum is recorded in
+FUNCTIONS_TABLE. The Supabase CLI ignores the subdirectory, so `supabase db push` alone does
+not install them: `scripts/setup_supabase.py` (or start-up) does.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
+FUNCTIONS_DIR = MIGRATIONS_DIR / "functions"
+FUNCTIONS_TABLE = "supabase_migrations.vtai_function_files"
 _NAME = re.compile(r"^(\d{14})_(\w+)\.sql$")
 # Any fixed number works; it keeps two processes from migrating the same database at once.
 _LOCK_KEY = 0x76746169
@@ -38,6 +47,11 @@ create table if not exists supabase_migrations.schema_migrations (version text p
 alter table supabase_migrations.schema_migrations add column if not exists statements text[];
 alter table supabase_migrations.schema_migrations add column if not exists name text;
 alter table supabase_migrations.schema_migrations add column if not exists vtai_sha256 text;
+create table if not exists supabase_migrations.vtai_function_files (
+  name text primary key,
+  sha256 text not null,
+  applied_at timestamptz not null default now()
+);
 """
 
 # The baseline: together, the final state of the V0 files.
@@ -78,6 +92,12 @@ V0_SHA256 = {
     "20261122000900": "ed423814927f895dfda44ee4d4a7fae4fc10fef01e50d7e5eaa337063ab6cfc2",
     "20261130000100": "f6953bc73cdf1504425607480f6da75ba1cff47a7265ae3a4d19621b2fa6763c",
 }
+# Texts of applied files that a later release changed in one deliberate step, accepted as
+# applied: the baseline, when the function bodies in it moved to FUNCTIONS_DIR (the copy is
+# tests/data/baseline_v1/). The function files then replace those bodies on such a database.
+EARLIER_SHA256 = {
+    "20261121000200": {"25207a38d51b561ebad60e67435d0fa4383ed9f23e9b91eba9374d13da9881ae"},
+}
 # The last commit whose supabase/migrations/ holds the V0 files, named in PartiallyMigrated.
 V0_COMMIT = "734d1eb"
 # Where adoption keeps the records of the V0 files it takes out of schema_migrations.
@@ -116,12 +136,56 @@ class Migration:
         return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
 
     @property
+    def label(self) -> str:
+        return f"migration {self.version}_{self.name}"
+
+    @property
     def file(self) -> str:
         """The path to show an operator: relative to the repository for VT.ai's own files."""
         try:
             return str(self.path.relative_to(MIGRATIONS_DIR.parent.parent))
         except ValueError:
             return str(self.path)
+
+
+@dataclass(frozen=True)
+class FunctionFile:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        return f"function file {self.name}"
+
+    sql = Migration.sql
+    sha256 = Migration.sha256
+    file = Migration.file
+
+
+def discover_functions(directory: Path = FUNCTIONS_DIR) -> list[FunctionFile]:
+    return [FunctionFile(path) for path in sorted(directory.glob("*.sql"))]
+
+
+async def stale_functions(
+    conn: asyncpg.Connection, directory: Path = FUNCTIONS_DIR
+) -> list[FunctionFile]:
+    """Function files whose text differs from the one last applied (or never applied)."""
+    done = {}
+    if await conn.fetchval(f"select to_regclass('{FUNCTIONS_TABLE}')") is not None:
+        rows = await conn.fetch(f"select name, sha256 from {FUNCTIONS_TABLE}")
+        done = {r["name"]: r["sha256"] for r in rows}
+    return [f for f in discover_functions(directory) if done.get(f.name) != f.sha256]
+
+
+def function_record_sql(f: FunctionFile) -> str:
+    """The statement that records function file `f` as applied."""
+    return (
+        f"insert into {FUNCTIONS_TABLE} (name, sha256) values ('{f.name}', '{f.sha256}')"
+        " on conflict (name) do update set sha256 = excluded.sha256, applied_at = now();"
+    )
 
 
 @dataclass
@@ -266,7 +330,9 @@ async def changed(
     return [
         (m, done[m.version])
         for m in discover(directory)
-        if done.get(m.version) and done[m.version] != m.sha256
+        if done.get(m.version)
+        and done[m.version] != m.sha256
+        and done[m.version] not in EARLIER_SHA256.get(m.version, ())
     ]
 
 
@@ -305,8 +371,10 @@ async def apply_pending(
     conn: asyncpg.Connection,
     directory: Path = MIGRATIONS_DIR,
     say: Callable[[str], None] | None = None,
-) -> list[Migration]:
-    """Apply what is pending, each file in its own transaction; return what was applied.
+    functions: Path | None = None,
+) -> list[Migration | FunctionFile]:
+    """Apply what is pending, each file in its own transaction, then every stale function file
+    (from `functions`, default: the `functions` folder of `directory`); return what ran.
 
     `say` gets one line for each thing worth telling an operator: a database moved onto the
     baseline, and the notices the migrations raise (row counts and time estimates before a
@@ -357,7 +425,12 @@ async def apply_pending(
                     migration.name,
                     migration.sha256,
                 )
-        return todo.todo
+        stale = await stale_functions(conn, functions or directory / "functions")
+        for function_file in stale:
+            async with conn.transaction():
+                await conn.execute(function_file.sql)
+                await conn.execute(function_record_sql(function_file))
+        return [*todo.todo, *stale]
     finally:
         conn.remove_log_listener(notice)
         await conn.execute("select pg_advisory_unlock($1)", _LOCK_KEY)

@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 REFRESH = 5.0
 READ_TIMEOUT = 2.0
 
+# A model's weight is the one vtai_model_weight() resolves from model_weights (exact name,
+# else the longest matching pattern, else 1): the weight its next reservation uses.
 COLUMNS = (
-    "model, display_name, api_base, api_key_env, provider_key, price_in, price_out, weight, enabled"
+    "model, display_name, api_base, api_key_env, provider_key, price_in, price_out,"
+    " public.vtai_model_weight(model) as weight, enabled"
 )
 
 
@@ -171,23 +174,26 @@ async def add(
                 f"--api-key-env: name the variable holding {provider}'s key (or pass "
                 "--api-base for an OpenAI-compatible server)"
             )
-    row = await conn.fetchrow(
-        "insert into public.models (model, display_name, api_base, api_key_env, provider_key,"
-        " price_in, price_out, weight, position)"
-        " values ($1, $2, $3, $4, $5, $6, $7, $8,"
-        "  (select coalesce(max(position), 0) + 1 from public.models))"
-        f" on conflict (model) do nothing returning {COLUMNS}",
-        model,
-        display,
-        api_base,
-        api_key_env,
-        provider_key,
-        price_in,
-        price_out,
-        weight,
-    )
-    if row is None:
-        raise CatalogueError(f"NAME: {model!r} is already in the catalogue")
+    async with conn.transaction():
+        added = await conn.fetchval(
+            "insert into public.models (model, display_name, api_base, api_key_env,"
+            " provider_key, price_in, price_out, position)"
+            " values ($1, $2, $3, $4, $5, $6, $7,"
+            "  (select coalesce(max(position), 0) + 1 from public.models))"
+            " on conflict (model) do nothing returning model",
+            model,
+            display,
+            api_base,
+            api_key_env,
+            provider_key,
+            price_in,
+            price_out,
+        )
+        if added is None:
+            raise CatalogueError(f"NAME: {model!r} is already in the catalogue")
+        if weight != 1.0:
+            await _set_rule(conn, model, weight)
+        row = await conn.fetchrow(f"select {COLUMNS} from public.models where model = $1", model)
     return entry_of(row)
 
 
@@ -207,13 +213,20 @@ def matching(pattern: str, names: list[str]) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+async def _set_rule(conn, pattern: str, weight: float) -> None:
+    await conn.execute(
+        "insert into public.model_weights (pattern, weight) values ($1, $2)"
+        " on conflict (pattern) do update set weight = excluded.weight, updated_at = now()",
+        pattern,
+        weight,
+    )
+
+
 async def set_weight(conn, pattern: str, weight: float) -> list[str]:
+    """Set the weight rule for `pattern` (a model name or a shell-style pattern); it applies
+    to models added later too. Returns the catalogued models it matches (none: a warning)."""
+    if not pattern or len(pattern) > 200:
+        raise CatalogueError("PATTERN: must be 1 to 200 characters")
     names = [r["model"] for r in await conn.fetch("select model from public.models")]
-    chosen = matching(pattern, names)
-    if chosen:
-        await conn.execute(
-            "update public.models set weight = $2, updated_at = now() where model = any($1)",
-            chosen,
-            weight,
-        )
-    return sorted(chosen)
+    await _set_rule(conn, pattern, weight)
+    return sorted(matching(pattern, names))

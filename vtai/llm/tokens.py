@@ -366,3 +366,31 @@ def cost(
         + rates.completion * (completion_tokens - reasoning)
         + rates.reasoning * reasoning
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _upper_rates(model: str) -> tuple[float, float] | None:
+    rates = _rates(model)
+    if rates is None:
+        return None
+    prompt, completion = max(rates.prompt, rates.cached), max(rates.completion, rates.reasoning)
+    if rates.tiered:
+        # Priced by size: the dearest tier LiteLLM knows, so a reservation never holds less.
+        big = 1_000_000
+        try:
+            prompt = max(prompt, _litellm_cost(model, big, 0, 0, 0) / big)
+            completion = max(completion, _litellm_cost(model, 0, big, 0, 0) / big)
+        except Exception:
+            return None
+    return prompt, completion
+
+
+def prices(model: str) -> tuple[float, float] | None:
+    """(USD per prompt token, USD per completion token) that a dollar reservation holds: the
+    catalogue's price, else the highest rate LiteLLM's map has for the model (cached, reasoning
+    and size tiers included, so what a call is billed never exceeds it). None: no price known,
+    and the model can't be used under a dollar cap (vtai_reserve says price_unknown)."""
+    price = catalogue_price(model)
+    if price is not None:
+        return price
+    return _upper_rates(model)

@@ -10,8 +10,10 @@ turn either spends tokens the database set aside for it, or asks for a reservati
   bigger message releases it and reserves for itself, as every turn did before.
 * Kept only while the quota left after it is at least KEEP_FACTOR times its size, so close to
   the limit an idle chat never holds tokens the same user's other chats could use.
-* Used only while more than a whole turn's time is left before its TTL, and only in the
-  period it was reserved in.
+* Used only while more than a whole turn's time is left before its TTL, only in the period
+  it was reserved in, and only for the model it was reserved for (weights and prices differ).
+* Never for a tier with a request rate: vtai_reserve(p_ahead) refuses it (`not_ahead`), since it
+  would count a request the user has not made.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Held:
     grant: Grant
     user_id: uuid.UUID
     prompt_tokens: int
+    model: str
     # time.monotonic() when the request left, before the database stamped its expiry
     asked_at: float
 
@@ -64,32 +67,46 @@ class NextTurn:
         self._task: asyncio.Task[Held | None] | None = None
         self._spare: set[asyncio.Task] = set()
 
-    def prepare(self, user_id: uuid.UUID, size: Callable[[], tuple[int, int]]) -> None:
+    def prepare(
+        self,
+        user_id: uuid.UUID,
+        size: Callable[[], tuple[int, int]],
+        model: str,
+        prices: Callable[[], tuple[float, float] | None],
+    ) -> None:
         """Reserve for the next turn in the background; `size()` -> (prompt tokens, answer
         budget), called in the task so that counting stays off the reply's path too."""
         if self.usable_for <= 0:
             return
         self._drop()
-        self._task = asyncio.create_task(self._reserve(user_id, size))
+        self._task = asyncio.create_task(self._reserve(user_id, size, model, prices))
 
     async def _reserve(
-        self, user_id: uuid.UUID, size: Callable[[], tuple[int, int]]
+        self,
+        user_id: uuid.UUID,
+        size: Callable[[], tuple[int, int]],
+        model: str,
+        prices: Callable[[], tuple[float, float] | None],
     ) -> Held | None:
         prompt_tokens, budget = size()
         if budget < 1:
             return None
         asked_at = self._clock()
-        grant = await self.gate.reserve(user_id, prompt_tokens, budget)
+        grant = await self.gate.reserve(
+            user_id, prompt_tokens, budget, model=model, prices=prices(), ahead=True
+        )
         if not grant.granted or grant.reservation_id is None:
             return None
-        held = Held(grant, user_id, prompt_tokens, asked_at)
+        held = Held(grant, user_id, prompt_tokens, model, asked_at)
         left = grant.remaining
         if left is not None and left < KEEP_FACTOR * held.amount:
             await self.gate.release(grant.reservation_id, user_id)
             return None
         return held
 
-    async def take(self, user_id: uuid.UUID, prompt_tokens: int, budget: int) -> Grant | None:
+    async def take(
+        self, user_id: uuid.UUID, prompt_tokens: int, budget: int, model: str
+    ) -> Grant | None:
         """The held reservation as this turn's grant, if it covers the turn; else None, and it
         is released before the caller reserves (which near the limit could need its tokens)."""
         task, self._task = self._task, None
@@ -108,6 +125,7 @@ class NextTurn:
             return None
         if (
             held.user_id == user_id
+            and held.model == model
             and self._clock() - held.asked_at < self.usable_for
             and (held.grant.resets_at is None or datetime.now(UTC) < held.grant.resets_at)
             and held.amount >= prompt_tokens + budget

@@ -19,11 +19,27 @@ from vtai.db.connection import UNAVAILABLE
 log = logging.getLogger(__name__)
 
 
+# Refusals for quota: the cap they name (vtai.ui.quota words them and offers a way through).
+QUOTA_REASONS = frozenset(
+    {
+        "quota_exhausted",
+        "prompt_exceeds_quota",
+        "daily_exhausted",
+        "prompt_exceeds_daily",
+        "usd_exhausted",
+        "prompt_exceeds_usd",
+    }
+)
+# Refusals whose prompt did not fit what is left: a shorter chat might.
+PROMPT_REASONS = frozenset({"prompt_exceeds_quota", "prompt_exceeds_daily", "prompt_exceeds_usd"})
+
+
 @dataclass(frozen=True)
 class Grant:
     granted: bool
-    # granted | quota_exhausted | prompt_exceeds_quota | unknown_user | unavailable | open,
-    # or error: the reserve failed for another reason than an unreachable database
+    # granted | model_not_allowed | rate_limited | not_ahead | price_unknown | one of
+    # QUOTA_REASONS | unknown_user | unavailable | open, or error: the reserve failed for
+    # another reason than an unreachable database
     reason: str
     reservation_id: uuid.UUID | None = None
     max_tokens: int = 0
@@ -32,13 +48,48 @@ class Grant:
     used: int = 0
     reserved: int = 0
     period_start: datetime | None = None
+    # granted: when the period ends; refused: when the cap that refused resets
     resets_at: datetime | None = None
+    # the model's weight (counted tokens per token) and the plan's other caps
+    weight: float | None = None
+    daily_limit: int | None = None
+    daily_used: int = 0
+    usd_limit: float | None = None
+    usd_used: float = 0.0
+    rpm: int | None = None
+    # granted: counted tokens left under the tightest token cap after this reservation
+    tokens_left: int | None = None
 
     @property
     def remaining(self) -> int | None:
+        """Counted tokens left for the period (granted: under the tightest token cap)."""
+        if self.granted and self.tokens_left is not None:
+            return max(self.tokens_left, 0)
         if self.token_limit is None:
             return None
         return max(self.token_limit - self.used - self.reserved, 0)
+
+    @property
+    def room(self) -> int | None:
+        """Raw tokens of prompt and answer the cap that refused still allows (None: no
+        token cap applies): what a shorter chat or a shorter answer must fit in."""
+        weight = self.weight if self.weight else 1.0
+        if self.reason == "prompt_exceeds_daily" and self.daily_limit is not None:
+            left = self.daily_limit - self.daily_used
+        elif self.reason == "prompt_exceeds_usd":
+            return None
+        else:
+            left = self.remaining
+        return None if left is None else max(int(left / weight), 0)
+
+
+def grant_of(row) -> Grant:
+    """A vtai_reserve() row as a Grant (numerics as floats)."""
+    data = dict(row)
+    for key in ("weight", "usd_limit", "usd_used"):
+        if data.get(key) is not None:
+            data[key] = float(data[key])
+    return Grant(**data)
 
 
 @dataclass(frozen=True)
@@ -50,12 +101,29 @@ class Usage:
     reserved: int
     period_start: datetime
     resets_at: datetime | None
+    daily_limit: int | None = None
+    daily_used: int = 0
+    day_resets_at: datetime | None = None
+    usd_limit: float | None = None
+    usd_used: float = 0.0
+    rpm: int | None = None
+    models: tuple[str, ...] = ("*",)
 
     @property
     def remaining(self) -> int | None:
         if self.token_limit is None:
             return None
         return max(self.token_limit - self.used, 0)
+
+
+def usage_of(row) -> Usage:
+    """A vtai_usage() row as a Usage."""
+    data = dict(row)
+    for key in ("usd_limit", "usd_used"):
+        if data.get(key) is not None:
+            data[key] = float(data[key])
+    data["models"] = tuple(data.get("models") or ())
+    return Usage(**data)
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -103,19 +171,31 @@ class Gate:
         prompt_tokens: int,
         max_completion: int,
         now: datetime | None = None,
+        *,
+        model: str | None = None,
+        prices: tuple[float, float] | None = None,
+        ahead: bool = False,
     ) -> Grant:
+        """Reserve for a call to `model`; `prices`: USD per prompt and completion token (None:
+        unknown, refused under a dollar cap); `ahead`: before the user asked (ahead.py)."""
+        price_in, price_out = prices if prices is not None else (None, None)
         try:
             row = await self.pool.fetchrow(
-                "select * from public.vtai_reserve($1, $2, $3, $4, $5, coalesce($6, now()))",
+                "select * from public.vtai_reserve($1, $2, $3, $4, $5, coalesce($6, now()),"
+                " $7, $8::float8::numeric, $9::float8::numeric, $10)",
                 user_id,
                 prompt_tokens,
                 max_completion,
                 self.period,
                 self.ttl_seconds,
                 now,
+                model,
+                price_in,
+                price_out,
+                ahead,
                 timeout=self.timeout,
             )
-            return Grant(**dict(row))
+            return grant_of(row)
         except Exception as exc:
             return when_unavailable(exc, self.fail_mode, max_completion)
 
@@ -140,7 +220,7 @@ class Gate:
             now,
             timeout=self.timeout,
         )
-        return Usage(**dict(row)) if row else None
+        return usage_of(row) if row else None
 
     async def daily(self, user_id: uuid.UUID, since: datetime) -> list[tuple[datetime, int]]:
         """Tokens per UTC day from `since`, read from the day buckets (never the ledger)."""

@@ -23,6 +23,10 @@ class UsageGate(Protocol):
         prompt_tokens: int,
         max_completion: int,
         now: datetime | None = None,
+        *,
+        model: str | None = None,
+        prices: tuple[float, float] | None = None,
+        ahead: bool = False,
     ) -> Grant: ...
 
     async def release(self, reservation_id: uuid.UUID, user_id: uuid.UUID) -> bool: ...

@@ -24,7 +24,7 @@ from vtai.llm.catalogue import Catalogue
 from vtai.metering import rows
 from vtai.metering.ahead import NEW_MESSAGE, NextTurn
 from vtai.metering.encoding import sanitize
-from vtai.metering.gate import Grant
+from vtai.metering.gate import PROMPT_REASONS, Grant
 from vtai.metering.ledger import Ledger
 from vtai.metering.ports import UsageGate
 from vtai.metering.rows import META_KEY, Facts, OpenCall, OpenCalls, Tokens
@@ -295,14 +295,16 @@ class TurnRunner:
             room = window - count_prompt(model, history) - NEW_MESSAGE
             return prompt, min(self.settings.max_tokens, room)
 
-        holder.prepare(user_id, size)
+        holder.prepare(user_id, size, model, lambda: tokens.prices(model))
 
     async def _reserve(self, req: TurnRequest, prompt_tokens: int, budget: int) -> Grant:
         if req.next_turn is not None:
-            grant = await req.next_turn.take(req.user_id, prompt_tokens, budget)
+            grant = await req.next_turn.take(req.user_id, prompt_tokens, budget, req.model)
             if grant is not None:
                 return grant
-        return await self.gate.reserve(req.user_id, prompt_tokens, budget)
+        return await self.gate.reserve(
+            req.user_id, prompt_tokens, budget, model=req.model, prices=tokens.prices(req.model)
+        )
 
     async def _reserve_fitted(
         self, req: TurnRequest, messages: list[dict], prompt_tokens: int, window: int
@@ -314,9 +316,11 @@ class TurnRunner:
         Returns (grant, messages, prompt_tokens, messages dropped to fit the quota)."""
         budget = min(self.settings.max_tokens, window - prompt_tokens)
         grant = await self._reserve(req, reserve_prompt(req.model, messages, prompt_tokens), budget)
-        if grant.granted or grant.reason != "prompt_exceeds_quota" or len(messages) < 2:
+        if grant.granted or grant.reason not in PROMPT_REASONS or grant.room is None:
             return grant, messages, prompt_tokens, 0
-        left = grant.remaining or 0
+        if len(messages) < 2:
+            return grant, messages, prompt_tokens, 0
+        left = grant.room
         fitted, _, dropped = fit_context(
             req.model, messages[:-1], messages[-1], left, reserve_prompt
         )
@@ -325,7 +329,11 @@ class TurnRunner:
         counted = count_prompt(req.model, fitted)
         budget = min(self.settings.max_tokens, window - counted)
         retry = await self.gate.reserve(
-            req.user_id, reserve_prompt(req.model, fitted, counted), budget
+            req.user_id,
+            reserve_prompt(req.model, fitted, counted),
+            budget,
+            model=req.model,
+            prices=tokens.prices(req.model),
         )
         if not retry.granted:
             return retry, messages, prompt_tokens, 0

@@ -26,7 +26,7 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from vtai.db.accounts import Profile
 from vtai.metering.encoding import sanitize
-from vtai.metering.gate import Grant, Usage, when_unavailable
+from vtai.metering.gate import Grant, Usage, grant_of, usage_of, when_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,22 @@ class SupabaseStore:
         prompt_tokens: int,
         max_completion: int,
         now: datetime | None = None,
+        *,
+        model: str | None = None,
+        prices: tuple[float, float] | None = None,
+        ahead: bool = False,
     ) -> Grant:
+        price_in, price_out = prices if prices is not None else (None, None)
         params = {
             "p_user": str(user_id),
             "p_prompt_tokens": prompt_tokens,
             "p_max_completion": max_completion,
             "p_period": self.period,
             "p_ttl_seconds": self.ttl_seconds,
+            "p_model": model,
+            "p_price_in": price_in,
+            "p_price_out": price_out,
+            "p_ahead": ahead,
         }
         if now is not None:
             params["p_now"] = now.isoformat()
@@ -134,7 +143,7 @@ class SupabaseStore:
                 row["reservation_id"] = uuid.UUID(row["reservation_id"])
             for key in ("period_start", "resets_at"):
                 row[key] = _datetime(row.get(key))
-            return Grant(**row)
+            return grant_of(row)
         except Exception as exc:
             # Only an unreachable API follows the fail mode; anything else refuses the turn.
             return when_unavailable(exc, self.fail_mode, max_completion, is_unavailable)
@@ -183,9 +192,9 @@ class SupabaseStore:
         if not rows:
             return None
         row = dict(rows[0])
-        for key in ("period_start", "resets_at"):
+        for key in ("period_start", "resets_at", "day_resets_at"):
             row[key] = _datetime(row.get(key))
-        return Usage(**row)
+        return usage_of(row)
 
     async def daily(self, user_id: uuid.UUID, since: datetime) -> list[tuple[datetime, int]]:
         """Tokens per UTC day from `since`, from the day buckets, as Gate.daily reads them."""

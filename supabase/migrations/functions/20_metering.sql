@@ -1,0 +1,600 @@
+-- The money functions: reserve, record (settle), release, usage, verify.
+--
+-- A function file, not a migration: VT.ai re-applies it, in one transaction, whenever its text
+-- differs from the text last applied to the database (vtai/db/migrations.py, docs/supabase.md
+-- "Function files"), after every pending migration. So each function has one body in the tree
+-- and a change to a rule is a change to this file. It must stay safe to run again: `create or
+-- replace`, and a `drop function if exists` for a signature or result type that changed.
+--
+-- Rules (docs/metering.md, "Plans", explains them for operators):
+-- * vtai_reserve() is the gate: one call, one transaction, serialised on the user's period
+--   counter row, so concurrent turns from any number of processes can never overshoot any cap.
+--   It reads counter rows, never the user's history.
+-- * vtai_record_batch() is the only definition of how a ledger row is accounted; vtai_record()
+--   is a one-row batch. A row is written exactly once per litellm_call_id and, in the same
+--   transaction, its reservation is released and its counters moved. Replays are no-ops.
+-- * Lock order is ledger row -> reservation -> period counter -> day counter everywhere, each
+--   in key order, so concurrent batches queue instead of deadlocking; vtai_reserve() takes the
+--   period counter first but only touches reservations with SKIP LOCKED, and takes the day
+--   counter after the period counter, so the two cannot deadlock either.
+-- * Counted tokens = ceil(raw tokens x the model's weight). Weight 0 (exempt): nothing counts
+--   against the token, daily and dollar caps, but the request rate still applies.
+
+-- Signatures this file replaced: gone, so a call with the old arguments fails loudly.
+drop function if exists public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz);
+drop function if exists public.vtai_usage(uuid, text, timestamptz);
+drop function if exists public.vtai_verify_counters();
+
+-- A shell-style pattern as a LIKE pattern: * any characters (/ included), ? one character.
+create or replace function public.vtai_glob_like(p_pattern text)
+returns text
+language sql immutable
+set search_path = pg_catalog
+as $$
+  select replace(replace(replace(replace(replace(
+    p_pattern, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_')
+$$;
+
+-- The weight of a model: the exact name's rule, else the longest matching pattern's, else 1.
+create or replace function public.vtai_model_weight(p_model text)
+returns numeric
+language sql stable
+security definer
+set search_path = public, pg_temp
+as $$
+  select coalesce((
+    select w.weight from model_weights w
+    where coalesce(p_model, '') like vtai_glob_like(w.pattern)
+    order by (w.pattern ~ '[*?]'), length(w.pattern) desc, w.pattern
+    limit 1), 1)
+$$;
+
+create or replace function public.vtai_model_allowed(p_patterns text[], p_model text)
+returns boolean
+language sql immutable
+set search_path = public, pg_temp
+as $$
+  select exists (
+    select 1 from unnest(p_patterns) p where coalesce(p_model, '') like vtai_glob_like(p)
+  )
+$$;
+
+-- The gate. Checks, in this order: the model is allowed; the request rate; then, unless the
+-- model is exempt (weight 0), tokens left for the period, tokens left today and dollars left.
+-- Grants the prompt plus a completion budget clamped to the tightest cap, so no answer can
+-- cross any of them, and says which rule refused. Dollars are reserved at the prices given
+-- (USD per token, the caller's price list); a model with no price can't be used under a dollar
+-- cap. `p_ahead`: a reservation taken before the user has asked (vtai/metering/ahead.py); a
+-- tier with a request rate gets none, since it would count a request nobody made.
+create or replace function public.vtai_reserve(
+  p_user uuid,
+  p_prompt_tokens integer,
+  p_max_completion integer,
+  p_period text default 'month',
+  p_ttl_seconds integer default 900,
+  p_now timestamptz default now(),
+  p_model text default null,
+  p_price_in numeric default null,
+  p_price_out numeric default null,
+  p_ahead boolean default false
+)
+returns table (
+  granted boolean,
+  reason text,
+  reservation_id uuid,
+  max_tokens integer,
+  tier text,
+  token_limit bigint,
+  used bigint,
+  reserved bigint,
+  period_start timestamptz,
+  resets_at timestamptz,
+  weight numeric,
+  daily_limit bigint,
+  daily_used bigint,
+  usd_limit numeric,
+  usd_used numeric,
+  rpm integer,
+  tokens_left bigint
+)
+language plpgsql
+security definer
+set search_path = public, pg_temp
+as $$
+#variable_conflict use_column
+declare
+  v_plan tiers%rowtype;
+  v_tier text;
+  v_start timestamptz := vtai_period_start(p_period, p_now);
+  v_end timestamptz := vtai_period_end(p_period, v_start);
+  v_day timestamptz := vtai_period_start('day', p_now);
+  v_minute timestamptz := date_trunc('minute', p_now);
+  v_counter usage_counters%rowtype;
+  v_daily daily_counters%rowtype;
+  v_weight numeric;
+  v_room bigint;
+  v_completion bigint := p_max_completion;
+  v_reason text;
+  v_resets timestamptz := v_end;
+  v_left bigint;
+  v_dleft bigint;
+  v_uleft numeric;
+  v_amount bigint;
+  v_cost numeric := 0;
+  v_remaining bigint;
+  v_id uuid;
+  -- The ledger keeps a row's cost to 8 decimals, rounded: a reservation holds one unit more,
+  -- so a settled row never costs more than was reserved for it.
+  c_cent_slack constant numeric := 0.00000001;
+begin
+  if v_start is null then
+    raise exception 'unknown usage period %', p_period using errcode = '22023';
+  end if;
+  if p_prompt_tokens < 0 or p_max_completion < 1 then
+    raise exception 'bad token counts' using errcode = '22023';
+  end if;
+  if p_price_in < 0 or p_price_out < 0 then
+    raise exception 'bad prices' using errcode = '22023';
+  end if;
+
+  select t.* into v_plan from profiles p join tiers t on t.name = p.tier where p.id = p_user;
+  if not found then
+    return query select false, 'unknown_user', null::uuid, 0, null::text, null::bigint,
+      0::bigint, 0::bigint, v_start, v_end, null::numeric, null::bigint, 0::bigint,
+      null::numeric, 0::numeric, null::integer, null::bigint;
+    return;
+  end if;
+  v_tier := v_plan.name;
+  v_weight := vtai_model_weight(p_model);
+
+  -- Every reserve and settle for this user and period queues here.
+  select * into v_counter from usage_counters c
+  where c.end_user = p_user and c.period_start = v_start
+  for update;
+  if not found then
+    insert into usage_counters as c (end_user, period_start)
+    values (p_user, v_start)
+    on conflict (end_user, period_start) do nothing;
+    select * into v_counter from usage_counters c
+    where c.end_user = p_user and c.period_start = v_start
+    for update;
+  end if;
+
+  -- Reservations of crashed or vanished turns give their quota back after the TTL.
+  -- SKIP LOCKED: a reservation being settled right now is the settler's business.
+  -- The probe first: nearly always nothing has expired, and it reads one index.
+  if exists (
+    select 1 from reservations r where r.end_user = p_user and r.expires_at <= p_now
+  ) then
+    with expired as (
+      delete from reservations r
+      where r.id in (
+        select r2.id from reservations r2
+        where r2.end_user = p_user and r2.expires_at <= p_now
+        for update skip locked
+      )
+      returning r.period_start, r.day_start, r.amount, r.cost
+    ), per_period as (
+      select e.period_start, sum(e.amount) as amount, sum(e.cost) as cost
+      from expired e group by e.period_start
+    ), per_day as (
+      select e.day_start, sum(e.amount) as amount
+      from expired e where e.day_start is not null group by e.day_start
+    ), periods as (
+      update usage_counters c
+      set reserved = greatest(c.reserved - pp.amount, 0),
+          cost_reserved = greatest(c.cost_reserved - pp.cost, 0), updated_at = p_now
+      from per_period pp
+      where c.end_user = p_user and c.period_start = pp.period_start
+    )
+    update daily_counters d
+    set reserved = greatest(d.reserved - pd.amount, 0), updated_at = p_now
+    from per_day pd
+    where d.end_user = p_user and d.day_start = pd.day_start;
+
+    select * into v_counter from usage_counters c
+    where c.end_user = p_user and c.period_start = v_start;
+  end if;
+
+  -- 1. The model.
+  if not vtai_model_allowed(v_plan.models, p_model) then
+    v_reason := 'model_not_allowed';
+  -- 2. The request rate: every model, exempt ones too.
+  elsif v_plan.rpm is not null and p_ahead then
+    v_reason := 'not_ahead';
+  elsif v_plan.rpm is not null and v_counter.minute_start = v_minute
+        and v_counter.minute_requests >= v_plan.rpm then
+    v_reason := 'rate_limited';
+    v_resets := v_minute + interval '1 minute';
+  elsif v_plan.rpm = 0 then
+    v_reason := 'rate_limited';
+    v_resets := v_minute + interval '1 minute';
+  elsif v_weight > 0 then
+    -- 3. Tokens for the period, in counted tokens; v_room is raw tokens of prompt + answer.
+    if v_plan.token_limit is not null then
+      v_left := v_plan.token_limit - v_counter.used - v_counter.reserved;
+      if v_left <= 0 then
+        v_reason := 'quota_exhausted';
+      else
+        v_room := floor(v_left / v_weight);
+        if v_room <= p_prompt_tokens then
+          v_reason := 'prompt_exceeds_quota';
+        else
+          v_completion := least(v_completion, v_room - p_prompt_tokens);
+        end if;
+      end if;
+    end if;
+    -- 4. Tokens today.
+    if v_reason is null and v_plan.daily_limit is not null then
+      select * into v_daily from daily_counters d
+      where d.end_user = p_user and d.day_start = v_day
+      for update;
+      if not found then
+        insert into daily_counters as d (end_user, day_start) values (p_user, v_day)
+        on conflict (end_user, day_start) do nothing;
+        select * into v_daily from daily_counters d
+        where d.end_user = p_user and d.day_start = v_day
+        for update;
+      end if;
+      v_dleft := v_plan.daily_limit - v_daily.used - v_daily.reserved;
+      if v_dleft <= 0 then
+        v_reason := 'daily_exhausted';
+        v_resets := v_day + interval '1 day';
+      else
+        v_room := floor(v_dleft / v_weight);
+        if v_room <= p_prompt_tokens then
+          v_reason := 'prompt_exceeds_daily';
+          v_resets := v_day + interval '1 day';
+        else
+          v_completion := least(v_completion, v_room - p_prompt_tokens);
+        end if;
+      end if;
+    end if;
+    -- 5. Dollars for the period, at the model's prices.
+    if v_reason is null and v_plan.usd_limit is not null then
+      v_uleft := v_plan.usd_limit - v_counter.cost_used - v_counter.cost_reserved;
+      if p_price_in is null or p_price_out is null then
+        v_reason := 'price_unknown';
+      elsif v_uleft <= 0 then
+        v_reason := 'usd_exhausted';
+      elsif p_prompt_tokens * p_price_in + p_price_out + c_cent_slack > v_uleft then
+        v_reason := 'prompt_exceeds_usd';
+      elsif p_price_out > 0 then
+        v_completion := least(v_completion, floor(
+          (v_uleft - p_prompt_tokens * p_price_in - c_cent_slack) / p_price_out));
+      end if;
+    end if;
+  end if;
+
+  if v_reason is not null then
+    return query select false, v_reason, null::uuid, 0, v_tier, v_plan.token_limit,
+      v_counter.used, v_counter.reserved, v_start, v_resets, v_weight, v_plan.daily_limit,
+      coalesce(v_daily.used, 0::bigint), v_plan.usd_limit, v_counter.cost_used, v_plan.rpm,
+      null::bigint;
+    return;
+  end if;
+
+  if v_weight > 0 then
+    v_amount := ceil((p_prompt_tokens + v_completion) * v_weight);
+    v_cost := coalesce(p_prompt_tokens * p_price_in + v_completion * p_price_out + c_cent_slack,
+                       0);
+  else
+    v_amount := 0;
+  end if;
+
+  insert into reservations (end_user, period_start, day_start, amount, cost, weight, created_at,
+                            expires_at)
+  values (p_user, v_start, v_day, v_amount, v_cost, v_weight, p_now,
+          p_now + make_interval(secs => p_ttl_seconds))
+  returning id into v_id;
+
+  update usage_counters c
+  set reserved = c.reserved + v_amount,
+      cost_reserved = c.cost_reserved + v_cost,
+      minute_requests = case when c.minute_start = v_minute then c.minute_requests + 1 else 1 end,
+      minute_start = v_minute,
+      updated_at = p_now
+  where c.end_user = p_user and c.period_start = v_start
+  returning c.used, c.reserved into v_counter.used, v_counter.reserved;
+
+  if v_amount > 0 then
+    insert into daily_counters as d (end_user, day_start, reserved)
+    values (p_user, v_day, v_amount)
+    on conflict (end_user, day_start) do update
+    set reserved = d.reserved + excluded.reserved, updated_at = p_now
+    returning d.used into v_daily.used;
+  end if;
+
+  -- What is left under the tightest token cap after this reservation, in counted tokens.
+  if v_weight > 0 then
+    v_remaining := least(v_plan.token_limit - v_counter.used - v_counter.reserved,
+                         v_dleft - v_amount);
+  end if;
+
+  return query select true, 'granted', v_id, v_completion::integer, v_tier, v_plan.token_limit,
+    v_counter.used, v_counter.reserved, v_start, v_end, v_weight, v_plan.daily_limit,
+    coalesce(v_daily.used, 0::bigint), v_plan.usd_limit, v_counter.cost_used, v_plan.rpm,
+    v_remaining;
+end
+$$;
+
+-- The ledger write, for many rows in one transaction and one WAL flush. Idempotent on
+-- litellm_call_id: a row already there changes nothing and its element is false, so retried
+-- callbacks and spool replays never charge twice. Each row is counted at the weight its
+-- reservation was taken at (the model's weight now, for a row without one).
+create or replace function public.vtai_record_batch(p_rows jsonb, p_period text default 'month')
+returns boolean[]
+language plpgsql
+security definer
+set search_path = public, pg_temp
+as $$
+declare
+  v_result boolean[];
+begin
+  if jsonb_typeof(p_rows) is distinct from 'array' then
+    raise exception 'vtai_record_batch expects a JSON array of rows' using errcode = '22023';
+  end if;
+
+  with elements as (
+    select e.r, e.ord, e.r ->> 'litellm_call_id' as call_id
+    from jsonb_array_elements(p_rows) with ordinality as e (r, ord)
+  ), input as (
+    -- A call id twice in one batch counts once, like a replay: the first occurrence wins.
+    select distinct on (el.call_id) el.r, el.ord, el.call_id,
+           coalesce((el.r ->> 'created_at')::timestamptz, now()) as created,
+           (el.r ->> 'end_user')::uuid as end_user,
+           (el.r ->> 'reservation_id')::uuid as reservation_id,
+           greatest(coalesce((el.r ->> 'prompt_tokens')::integer, 0), 0) as prompt,
+           greatest(coalesce((el.r ->> 'completion_tokens')::integer, 0), 0) as completion
+    from elements el
+    order by el.call_id, el.ord
+  ), located as (
+    select i.*,
+           -- charged to the period the tokens were reserved in, so a turn that crosses a
+           -- period boundary settles where it was granted
+           coalesce(res.period_start, (i.r ->> 'period_start')::timestamptz,
+                    vtai_period_start(p_period, i.created)) as start,
+           coalesce(res.day_start, vtai_period_start('day', i.created)) as day,
+           coalesce(res.weight, vtai_model_weight(i.r ->> 'model')) as weight,
+           greatest(coalesce((i.r ->> 'total_tokens')::integer, i.prompt + i.completion), 0)
+             as total,
+           coalesce((i.r ->> 'total_cost')::numeric, 0) as cost
+    from input i left join reservations res on res.id = i.reservation_id
+  ), inserted as (
+    insert into request_logs (
+      litellm_call_id, created_at, end_user, session_id, model, provider, status,
+      prompt_tokens, completion_tokens, total_tokens, total_cost, response_time, period_start,
+      messages, response, error, additional_details, weight, counted_tokens, day_start
+    )
+    select l.call_id, l.created, l.end_user, l.r ->> 'session_id',
+           coalesce(l.r ->> 'model', ''), l.r ->> 'provider', l.r ->> 'status',
+           l.prompt, l.completion, l.total, l.cost,
+           (l.r ->> 'response_time')::real, l.start,
+           l.r -> 'messages', l.r -> 'response', l.r -> 'error',
+           coalesce(l.r -> 'additional_details', '{}'::jsonb),
+           l.weight, ceil(l.total * l.weight)::bigint, l.day
+    from located l
+    order by l.call_id
+    on conflict (litellm_call_id) do nothing
+    returning litellm_call_id, end_user, period_start, day_start, total_tokens, counted_tokens,
+              weight, total_cost
+  ), settled as (
+    select ins.end_user, ins.period_start, ins.day_start as day, ins.total_tokens,
+           ins.counted_tokens,
+           case when ins.weight > 0 then ins.total_cost else 0 end as cost, l.reservation_id
+    from inserted ins join located l on l.call_id = ins.litellm_call_id
+    where ins.end_user is not null
+  ), released as (
+    delete from reservations res using settled s
+    where res.id = s.reservation_id
+    returning s.end_user, res.period_start as held_start, res.day_start as held_day, res.amount,
+              res.cost
+  ), moves as (
+    select s.end_user, s.period_start, s.counted_tokens as used, s.total_tokens::bigint as raw,
+           s.cost, 0::bigint as freed, 0::numeric as freed_cost
+    from settled s
+    union all
+    select r.end_user, r.held_start, 0, 0, 0, r.amount, r.cost from released r
+  ), per_counter as (
+    select m.end_user, m.period_start, sum(m.used)::bigint as used, sum(m.raw)::bigint as raw,
+           sum(m.cost) as cost, sum(m.freed)::bigint as freed, sum(m.freed_cost) as freed_cost
+    from moves m group by m.end_user, m.period_start
+  ), counted as (
+    insert into usage_counters as c (end_user, period_start, used, used_raw, cost_used)
+    select p.end_user, p.period_start, p.used, p.raw, p.cost from per_counter p
+    order by p.end_user, p.period_start
+    on conflict (end_user, period_start) do update
+    set used = c.used + excluded.used,
+        used_raw = c.used_raw + excluded.used_raw,
+        cost_used = c.cost_used + excluded.cost_used,
+        reserved = greatest(c.reserved - (
+          select p.freed from per_counter p
+          where p.end_user = c.end_user and p.period_start = c.period_start), 0),
+        cost_reserved = greatest(c.cost_reserved - (
+          select p.freed_cost from per_counter p
+          where p.end_user = c.end_user and p.period_start = c.period_start), 0),
+        updated_at = now()
+    returning 1
+  ), day_moves as (
+    select s.end_user, s.day, s.counted_tokens as used, 0::bigint as freed
+    from settled s where s.counted_tokens > 0
+    union all
+    select r.end_user, r.held_day, 0, r.amount from released r
+    where r.held_day is not null and r.amount > 0
+  ), per_day as (
+    select m.end_user, m.day, sum(m.used)::bigint as used, sum(m.freed)::bigint as freed
+    from day_moves m group by m.end_user, m.day
+  ), days as (
+    insert into daily_counters as d (end_user, day_start, used)
+    select p.end_user, p.day, p.used from per_day p
+    order by p.end_user, p.day
+    on conflict (end_user, day_start) do update
+    set used = d.used + excluded.used,
+        reserved = greatest(d.reserved - (
+          select p.freed from per_day p
+          where p.end_user = d.end_user and p.day = d.day_start), 0),
+        updated_at = now()
+    returning 1
+  )
+  select coalesce(
+           array_agg(ins.litellm_call_id is not null and i.ord = el.ord order by el.ord),
+           '{}')
+  into v_result
+  from elements el
+  left join input i on i.call_id = el.call_id
+  left join inserted ins on ins.litellm_call_id = el.call_id;
+  return v_result;
+end
+$$;
+
+create or replace function public.vtai_record(p_row jsonb, p_period text default 'month')
+returns boolean
+language sql
+security definer
+set search_path = public, pg_temp
+as $$
+  select (public.vtai_record_batch(jsonb_build_array(p_row), p_period))[1]
+$$;
+
+-- Give back a reservation no turn will use: a chat's reservation for its next turn
+-- (vtai/metering/ahead.py) when the chat closes or the message that came is bigger than it.
+-- Idempotent: a reservation already settled, expired or released is simply not there.
+-- Lock order is the ledger's (reservation, then counters), so it queues behind a settle and
+-- never deadlocks with one; vtai_reserve() skips locked reservations.
+create or replace function public.vtai_release(p_reservation uuid, p_user uuid)
+returns boolean
+language sql
+security definer
+set search_path = public, pg_temp
+as $$
+  with released as (
+    delete from reservations r
+    where r.id = p_reservation and r.end_user = p_user
+    returning r.end_user, r.period_start, r.day_start, r.amount, r.cost
+  ), moved as (
+    -- Data-modifying CTEs run to completion whether or not they are read.
+    update usage_counters c
+    set reserved = greatest(c.reserved - rel.amount, 0),
+        cost_reserved = greatest(c.cost_reserved - rel.cost, 0), updated_at = now()
+    from released rel
+    where c.end_user = rel.end_user and c.period_start = rel.period_start
+  ), day_moved as (
+    update daily_counters d
+    set reserved = greatest(d.reserved - rel.amount, 0), updated_at = now()
+    from released rel
+    where d.end_user = rel.end_user and d.day_start = rel.day_start and rel.amount > 0
+  )
+  select exists (select 1 from released)
+$$;
+
+-- Where a user stands under every cap of their plan: two counter rows, never history.
+create or replace function public.vtai_usage(
+  p_user uuid,
+  p_period text default 'month',
+  p_now timestamptz default now()
+)
+returns table (
+  username text,
+  tier text,
+  token_limit bigint,
+  used bigint,
+  reserved bigint,
+  period_start timestamptz,
+  resets_at timestamptz,
+  daily_limit bigint,
+  daily_used bigint,
+  day_resets_at timestamptz,
+  usd_limit numeric,
+  usd_used numeric,
+  rpm integer,
+  models text[]
+)
+language sql stable
+security definer
+set search_path = public, pg_temp
+as $$
+  select p.username, p.tier, t.token_limit,
+         coalesce(c.used, 0), coalesce(c.reserved, 0),
+         vtai_period_start(p_period, p_now),
+         vtai_period_end(p_period, vtai_period_start(p_period, p_now)),
+         t.daily_limit, coalesce(d.used, 0),
+         vtai_period_start('day', p_now) + interval '1 day',
+         t.usd_limit, coalesce(c.cost_used, 0), t.rpm, t.models
+  from profiles p
+  join tiers t on t.name = p.tier
+  left join usage_counters c
+    on c.end_user = p.id and c.period_start = vtai_period_start(p_period, p_now)
+  left join daily_counters d
+    on d.end_user = p.id and d.day_start = vtai_period_start('day', p_now)
+  where p.id = p_user
+$$;
+
+-- Consistency check for operators and tests: every counter that differs from the sum of its
+-- ledger rows, in counted tokens (rows before plans count their total). `counter` is
+-- 'period' (usage_counters) or 'day' (daily_counters, start of the UTC day in period_start).
+-- An empty result means counters equal the ledger.
+create or replace function public.vtai_verify_counters()
+returns table (
+  end_user uuid,
+  period_start timestamptz,
+  counter_used bigint,
+  ledger_used bigint,
+  counter text
+)
+language sql stable
+security definer
+set search_path = public, pg_temp
+as $$
+  select coalesce(l.end_user, c.end_user), coalesce(l.period_start, c.period_start),
+         coalesce(c.used, 0), coalesce(l.used, 0), 'period'
+  from (
+    select r.end_user, r.period_start,
+           sum(coalesce(r.counted_tokens, r.total_tokens))::bigint as used
+    from request_logs r
+    where r.end_user is not null
+    group by r.end_user, r.period_start
+  ) l
+  full join usage_counters c
+    on c.end_user = l.end_user and c.period_start = l.period_start
+  where coalesce(c.used, 0) <> coalesce(l.used, 0)
+  union all
+  -- Days are counted from plans on: only rows that carry their day.
+  select coalesce(l.end_user, d.end_user), coalesce(l.day, d.day_start),
+         coalesce(d.used, 0), coalesce(l.used, 0), 'day'
+  from (
+    select r.end_user, r.day_start as day, sum(r.counted_tokens)::bigint as used
+    from request_logs r
+    where r.end_user is not null and r.counted_tokens > 0 and r.day_start is not null
+    group by r.end_user, r.day_start
+  ) l
+  full join daily_counters d
+    on d.end_user = l.end_user and d.day_start = l.day
+  where coalesce(d.used, 0) <> coalesce(l.used, 0)
+$$;
+
+-- Money functions run only for the server: never for anon, and not for signed-in users,
+-- who could otherwise reserve or record on anyone's behalf.
+revoke all on function
+  public.vtai_glob_like(text),
+  public.vtai_model_weight(text),
+  public.vtai_model_allowed(text[], text),
+  public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz, text, numeric, numeric,
+                      boolean),
+  public.vtai_record_batch(jsonb, text),
+  public.vtai_record(jsonb, text),
+  public.vtai_release(uuid, uuid),
+  public.vtai_usage(uuid, text, timestamptz),
+  public.vtai_verify_counters()
+  from public, anon, authenticated;
+grant execute on function
+  public.vtai_glob_like(text),
+  public.vtai_model_weight(text),
+  public.vtai_model_allowed(text[], text),
+  public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz, text, numeric, numeric,
+                      boolean),
+  public.vtai_record_batch(jsonb, text),
+  public.vtai_record(jsonb, text),
+  public.vtai_release(uuid, uuid),
+  public.vtai_usage(uuid, text, timestamptz),
+  public.vtai_verify_counters()
+  to service_role;
