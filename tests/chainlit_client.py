@@ -150,6 +150,27 @@ class ChatClient:
         """Send a message and wait until the server's task for it has ended."""
         return await self.collect(await self.send_raw(text, kind), timeout)
 
+    def actions_since(self, mark: int) -> list[dict]:
+        """The action buttons the server attached to messages after `mark`."""
+        return [d for e, d in self.events[mark:] if e == "action" and isinstance(d, dict)]
+
+    async def call_action(self, action: dict) -> int:
+        """Click an action button: `POST /project/action`, as the browser does. Chainlit runs
+        the callback before it answers; returns the event index before the click (what the
+        callback sent arrives over the socket, so wait for it from there)."""
+        mark = len(self.events)
+        headers = {"Cookie": f"access_token={self.token}"}
+        if self.origin:
+            headers["Origin"] = self.origin
+        async with httpx.AsyncClient(base_url=self.base, timeout=120) as http:
+            r = await http.post(
+                "/project/action",
+                json={"sessionId": self.session_id, "action": action},
+                headers=headers,
+            )
+        assert r.status_code == 200, f"action failed: {r.status_code} {r.text[:200]}"
+        return mark
+
     async def change_settings(self, **values) -> None:
         await self.sio.emit("chat_settings_change", values)
 

@@ -201,7 +201,7 @@ async def test_database_from_before_the_baseline_with_check_print_sql_and_setup(
         assert script_sql.returncode == 0, script_sql.stderr
         assert script_sql.stdout.count("\nbegin;") == 1 + len(
             [m for m in migrations.discover() if m.version > max(migrations.BASELINE)]
-        )
+        ) + len(migrations.discover_functions())
         await conn.execute(script_sql.stdout)
         assert await migrations.pending(conn) == []
         assert await conn.fetchval(f"select count(*) from {migrations.REPLACED_TABLE}") == 12

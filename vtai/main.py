@@ -78,3 +78,13 @@ async def on_message(message: cl.Message):
 @cl.action_callback("retry")
 async def on_retry(action: cl.Action):
     await chat.retry(action)
+
+
+@cl.action_callback("continue_free")
+async def on_continue_free(action: cl.Action):
+    await chat.continue_free(action)
+
+
+@cl.action_callback("shorter_answer")
+async def on_shorter_answer(action: cl.Action):
+    await chat.shorter_answer(action)

@@ -22,6 +22,7 @@ from vtai.llm.catalogue import Catalogue
 from vtai.metering.gate import Gate
 from vtai.metering.ledger import Ledger
 from vtai.metering.logger import CallNotes, MeteringLogger
+from vtai.metering.plan_watch import PlanWatch
 from vtai.metering.ports import Profiles, UsageGate
 from vtai.metering.spool import Spool
 from vtai.metering.turn import TurnRunner
@@ -98,6 +99,14 @@ class Services:
         catalogue = Catalogue(db.pool if db is not None else None)
         await catalogue.fresh()
         runner = TurnRunner(gate, ledger, notes, settings, catalogue=catalogue)
+        if db is not None and settings.reserve_ahead:
+            runner.plan_watch = await PlanWatch(db.url, runner.plans_changed).start()
+        elif settings.reserve_ahead:
+            log.info(
+                "reserving ahead is off: it needs plan changes heard over a database connection"
+                " (%s)",
+                NEEDS_DATABASE,
+            )
         return cls(settings, db, gate, ledger, runner, callback, LoginThrottle(), store, auth)
 
     async def authenticate(self, username: str, password: str) -> Profile | None:
@@ -131,6 +140,8 @@ class Services:
         await self.runner.drain()
 
     async def stop(self) -> None:
+        if self.runner.plan_watch is not None:
+            await self.runner.plan_watch.stop()
         await self.runner.release_ahead()
         # Rows of turns that already answered must not die with the process.
         await self.flush()

@@ -684,9 +684,12 @@ async def test_a_changed_function_file_is_applied_again_and_only_then(empty_db_u
         assert [f.name for f in await migrations.stale_functions(conn, functions)] == [edited.name]
         applied = await migrations.apply_pending(conn, functions=functions)
         assert [m.label for m in applied] == [f"function file {edited.name}"]
-        assert await conn.fetchval(
-            "select obj_description('public.vtai_record(jsonb, text)'::regprocedure)"
-        ) == "edited"
+        assert (
+            await conn.fetchval(
+                "select obj_description('public.vtai_record(jsonb, text)'::regprocedure)"
+            )
+            == "edited"
+        )
         assert await migrations.stale_functions(conn, functions) == []
     finally:
         await conn.close()

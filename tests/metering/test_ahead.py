@@ -100,7 +100,7 @@ async def test_near_the_limit_no_tokens_are_held_ahead(services, conn):
     runner = runner_for(services, mock_response=ANSWER)
     holder = runner.next_turn()
     runner.reserve_ahead(holder, user.id, MODEL, [])
-    assert await holder.take(user.id, 10, 10) is None  # reserved, then given straight back
+    assert await holder.take(user.id, 10, 10, MODEL) is None  # reserved, then given straight back
     assert await held_ids(conn) == []
     assert await conn.fetchval("select reserved from usage_counters") == 0
     outcome, _ = await collect(runner, with_holder(request(user), holder))
@@ -114,32 +114,32 @@ async def test_a_reservation_near_its_ttl_is_not_spent(services, conn):
     user = await add_user(conn, tier="premium")
     now = [1000.0]
     holder = NextTurn(services.gate, ttl_seconds=900, request_timeout=120, clock=lambda: now[0])
-    holder.prepare(user.id, lambda: (50, 100))
+    holder.prepare(user.id, lambda: (50, 100), MODEL, lambda: None)
     ahead = await one_held(conn)
     # Time for a turn, but the database may expire it before the turn would settle.
     now[0] += 900 - 120 - 29
-    assert await holder.take(user.id, 10, 10) is None
+    assert await holder.take(user.id, 10, 10, MODEL) is None
     assert ahead not in await held_ids(conn)
     assert await conn.fetchval("select reserved from usage_counters") == 0
 
-    holder.prepare(user.id, lambda: (50, 100))
+    holder.prepare(user.id, lambda: (50, 100), MODEL, lambda: None)
     ahead = await one_held(conn)
     now[0] += 900 - 120 - 31
-    grant = await holder.take(user.id, 40, 100)
+    grant = await holder.take(user.id, 40, 100, MODEL)
     assert grant.reservation_id == ahead and grant.max_tokens == 100
     # Bigger than what is held: given back, the caller reserves.
-    holder.prepare(user.id, lambda: (50, 100))
+    holder.prepare(user.id, lambda: (50, 100), MODEL, lambda: None)
     ahead2 = await until(lambda: conn.fetchval("select id from reservations where id <> $1", ahead))
-    assert await holder.take(user.id, 60, 100) is None
+    assert await holder.take(user.id, 60, 100, MODEL) is None
     assert ahead2 not in await held_ids(conn)
 
 
 async def test_a_new_reservation_replaces_the_old_one(services, conn):
     user = await add_user(conn, tier="premium")
     holder = services.runner.next_turn()
-    holder.prepare(user.id, lambda: (50, 100))
+    holder.prepare(user.id, lambda: (50, 100), MODEL, lambda: None)
     first = await one_held(conn)
-    holder.prepare(user.id, lambda: (60, 100))
+    holder.prepare(user.id, lambda: (60, 100), MODEL, lambda: None)
     second = await until(lambda: conn.fetchval("select id from reservations where id <> $1", first))
     assert await until(lambda: _only(conn, second))
     await holder.release()
@@ -253,3 +253,24 @@ async def test_release_is_idempotent_and_only_the_owners(services, conn):
     assert await services.gate.release(grant.reservation_id, user.id) is False
     assert await conn.fetchval("select reserved from usage_counters") == 0
     assert await conn.fetch("select * from vtai_verify_counters()") == []
+
+
+async def test_a_plan_change_gives_back_what_chats_hold_ahead(services, conn):
+    """Held reservations were granted under the old plan: a change to a tier (NOTIFY from
+    the database, heard by vtai.metering.plan_watch) gives them back at once."""
+    user = await add_user(conn)
+    runner = runner_for(services, mock_response=ANSWER)
+    holder = runner.next_turn()
+    assert holder is not None and services.runner.plan_watch.live
+    runner.reserve_ahead(holder, user.id, MODEL, [])
+    await holder._task
+    held = await conn.fetchval("select count(*) from reservations where end_user = $1", user.id)
+    assert held == 1
+    services.runner.plan_watch.on_change = runner.plans_changed  # this runner hears it
+    await conn.execute("update tiers set daily_limit = null where name = 'free'")
+    async with asyncio.timeout(10):
+        while await conn.fetchval(
+            "select count(*) from reservations where end_user = $1", user.id
+        ):
+            await asyncio.sleep(0.05)
+    assert await holder.take(user.id, 10, 10, MODEL) is None

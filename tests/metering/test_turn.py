@@ -29,13 +29,15 @@ async def wait_for_rows(conn, n, timeout=10.0):
 
 def runner_for(services, model=MODEL, **options):
     """A runner on a server whose default model is `model`: the one these tests ask for."""
-    return TurnRunner(
+    runner = TurnRunner(
         services.gate,
         services.ledger,
         services.callback.notes,
         offering(services.settings, model),
         call_options=options,
     )
+    runner.plan_watch = services.runner.plan_watch
+    return runner
 
 
 def request(user, text="hello there", history=None, session="chat-1"):
@@ -264,17 +266,19 @@ async def test_a_message_larger_than_the_quota_left_is_refused_as_such(services,
     runner = runner_for(services, mock_response="x")
     outcome, _ = await collect(runner, request(user, "a question " * 20, history=LONG_HISTORY))
     assert outcome.kind == "refused"
-    assert outcome.notice.startswith("Your message is larger than the quota you have left")
+    assert outcome.notice.startswith("Your message is larger than what is left of your token")
     assert "100 left" in outcome.notice
 
 
 def test_the_refusal_says_whether_the_message_or_the_chat_is_too_long():
     from vtai.metering.gate import Grant
-    from vtai.metering.turn import refusal_text
+    from vtai.metering.refusal import refusal
 
     grant = Grant(False, "prompt_exceeds_quota", tier="free", token_limit=10_000, used=9_500)
-    chat = refusal_text(grant, "month", message_tokens=120)
-    assert chat.startswith("This conversation is too long for the 500 tokens left in your quota")
-    message = refusal_text(grant, "month", message_tokens=600)
-    assert message.startswith("Your message is larger than the quota you have left")
+    chat = refusal(grant, "month", "gpt-4o-mini", message_tokens=120)
+    assert chat.startswith(
+        "This conversation is too long for the 500 tokens left in your token quota"
+    )
+    message = refusal(grant, "month", "gpt-4o-mini", message_tokens=600)
+    assert message.startswith("Your message is larger than what is left of your token quota")
     assert "9,500 of 10,000 tokens used this month on the free tier" in chat

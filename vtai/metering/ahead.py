@@ -60,8 +60,12 @@ class NextTurn:
         ttl_seconds: int,
         request_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        live: Callable[[], bool] = lambda: True,
     ):
+        """`live()`: plan changes are being heard (vtai.metering.plan_watch); while not, a
+        held reservation is given back rather than used."""
         self.gate = gate
+        self._live = live
         self.usable_for = ttl_seconds - request_timeout - CLOCK_SLACK
         self._clock = clock
         self._task: asyncio.Task[Held | None] | None = None
@@ -124,7 +128,8 @@ class NextTurn:
         if held is None:
             return None
         if (
-            held.user_id == user_id
+            self._live()
+            and held.user_id == user_id
             and held.model == model
             and self._clock() - held.asked_at < self.usable_for
             and (held.grant.resets_at is None or datetime.now(UTC) < held.grant.resets_at)
@@ -141,6 +146,10 @@ class NextTurn:
             await self._give_back(task)
         if self._spare:
             await asyncio.gather(*self._spare, return_exceptions=True)
+
+    def drop(self) -> None:
+        """The plan changed: what is held was granted under the old one; give it back."""
+        self._drop()
 
     def _drop(self) -> None:
         """A reservation about to be replaced goes back in the background."""

@@ -9,6 +9,7 @@ for the tokens that were produced. The two meet in one place, vtai.metering.rows
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -27,16 +28,19 @@ from vtai.metering.encoding import sanitize
 from vtai.metering.gate import PROMPT_REASONS, Grant
 from vtai.metering.ledger import Ledger
 from vtai.metering.ports import UsageGate
+from vtai.metering.refusal import MIN_COMPLETION, refusal, short_answer
 from vtai.metering.rows import META_KEY, Facts, OpenCall, OpenCalls, Tokens
 from vtai.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Below this many tokens of room for the answer, a turn is not worth starting.
-MIN_COMPLETION = 16
 # Reserve a little more than LiteLLM's count: providers tokenize prompts their own way.
 # LiteLLM's counter runs 10-17% under SmolLM2's tokenizer, for one.
 PROMPT_MARGIN = 1.25
+
+# A cap that leaves less answer than this (or than the answer asked for, if less) makes the turn
+# a choice (a short answer, or a free model) instead of an answer cut off mid-sentence.
+SHORT_ANSWER = 256
 
 # Retries (docs/metering.md, "Retries and the deadline"): LiteLLM and the provider's SDK retry
 # nothing (num_retries=0, max_retries=0). VT.ai retries a request that failed before its answer
@@ -64,6 +68,9 @@ class TurnRequest:
     # A message refused for its size before it was stored: {"chars": n, "sha256": hex}; `text`
     # is then only a placeholder (vtai.ui.socket_guard).
     oversize: dict | None = None
+    # The user chose a short answer at the limit: an answer budget clamped below SHORT_ANSWER
+    # by a cap is accepted rather than offered as a choice first.
+    accept_short: bool = False
 
 
 @dataclass
@@ -132,43 +139,6 @@ def fit_context(
         kept = kept[2:] if len(kept) >= 2 else []
 
 
-def refusal_text(grant: Grant, period: str, message_tokens: int | None = None) -> str:
-    """The refusal's one line. `message_tokens`: the new message alone, as reserved, for a
-    prompt that did not fit what is left (it says whether the message or the chat is too
-    long)."""
-    if grant.reason == "unavailable":
-        return "The usage service is unavailable, so no answer was sent: try again shortly."
-    if grant.reason == "error":
-        return (
-            "Your quota could not be checked because of an error on the server, so no answer "
-            "was sent: try again, and tell the administrator if it keeps happening."
-        )
-    if grant.reason == "unknown_user":
-        return "Your account no longer exists: sign in again or ask the administrator."
-    resets = grant.resets_at.strftime("%Y-%m-%d %H:%M UTC") if grant.resets_at else "never"
-    used = f"{grant.used + grant.reserved:,}"
-    limit = f"{grant.token_limit:,}" if grant.token_limit is not None else "unlimited"
-    left = grant.remaining or 0
-    if grant.reason != "prompt_exceeds_quota":
-        head = "You have used your token quota"
-    elif message_tokens is not None and message_tokens + MIN_COMPLETION <= left:
-        head = (
-            f"This conversation is too long for the {left:,} tokens left in your quota: "
-            "start a new chat to go on"
-        )
-    else:
-        head = (
-            f"Your message is larger than the quota you have left (about {message_tokens:,} "
-            f"tokens with its answer's minimum; {left:,} left): shorten it"
-            if message_tokens is not None
-            else "Your message is larger than the quota you have left"
-        )
-    return (
-        f"{head}. {used} of {limit} tokens used this {period} on the {grant.tier} tier; "
-        f"it resets {resets}. For more, ask the administrator to move you to a higher tier."
-    )
-
-
 def is_retryable(exc: BaseException) -> bool:
     """A provider's server error or a connection that failed: worth one more request. Not a
     timeout (the turn's time is spent), a rate limit, or a request the provider refused."""
@@ -216,6 +186,8 @@ class TurnRunner:
         self.settings = settings
         self._background: set[asyncio.Task] = set()
         self._holders: weakref.WeakSet[NextTurn] = weakref.WeakSet()
+        # Set by vtai.services when plan changes are heard; without it nothing is held ahead.
+        self.plan_watch = None
 
     def _in_background(self, work: Awaitable) -> asyncio.Future:
         task = asyncio.ensure_future(work)
@@ -262,11 +234,23 @@ class TurnRunner:
 
     def next_turn(self) -> NextTurn | None:
         """A new chat's holder of reservations taken ahead, if VTAI_RESERVE_AHEAD is on."""
-        if not self.settings.reserve_ahead:
+        if not self.settings.reserve_ahead or self.plan_watch is None:
             return None
-        holder = NextTurn(self.gate, self.settings.reservation_ttl, self.settings.request_timeout)
+        watch = self.plan_watch
+        holder = NextTurn(
+            self.gate,
+            self.settings.reservation_ttl,
+            self.settings.request_timeout,
+            live=lambda: watch.live,
+        )
         self._holders.add(holder)
         return holder
+
+    def plans_changed(self) -> None:
+        """A plan changed (vtai.metering.plan_watch): every chat's reservation taken ahead
+        goes back, so each next turn is reserved under the plan as it is now."""
+        for holder in list(self._holders):
+            holder.drop()
 
     async def release_ahead(self) -> None:
         """At shutdown: the open chats' reservations go back now, not at their TTL."""
@@ -549,15 +533,32 @@ class TurnRunner:
         )
         if not grant.granted:
             alone = None
-            if grant.reason == "prompt_exceeds_quota":
+            if grant.reason in PROMPT_REASONS:
                 alone = reserve_prompt(req.model, [message])
             return self._refuse(
                 req,
                 call_id,
-                refusal_text(grant, self.settings.usage_period, alone),
+                refusal(grant, self.settings.usage_period, req.model, alone),
                 grant,
                 messages,
                 reason=grant.reason,
+            )
+        budget = min(self.settings.max_tokens, window - prompt_tokens)
+        if (
+            not req.accept_short
+            and grant.reservation_id is not None
+            and grant.max_tokens < min(budget, SHORT_ANSWER)
+        ):
+            # A cap leaves only a short answer: the user chooses (vtai.ui.chat offers it).
+            await self.gate.release(grant.reservation_id, req.user_id)
+            return self._refuse(
+                req,
+                call_id,
+                short_answer(grant, self.settings.usage_period),
+                dataclasses.replace(grant, reason="short_answer_only"),
+                messages,
+                reason="short_answer_only",
+                answer_tokens=grant.max_tokens,
             )
         dropped += over_quota
         notice = None

@@ -14,7 +14,8 @@ from chainlit.input_widget import Select
 
 from vtai.admin import balances
 from vtai.db import accounts
-from vtai.llm import models
+from vtai.llm import models, patterns
+from vtai.metering.gate import QUOTA_REASONS
 from vtai.metering.turn import TurnRequest
 from vtai.services import Services
 from vtai.settings import load_settings
@@ -116,33 +117,63 @@ async def _settled_quota_line(outcome) -> str | None:
         return None
     if usage is None:
         return None
-    return quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
+    return quota.describe_usage(usage, outcome.grant.weight)
 
 
-async def start(past: list[dict] | None = None, model: str | None = None) -> None:
+async def _plan_models() -> list[str]:
+    """The models the picker lists: those offered here that the user's plan includes. Only
+    what to show: vtai_reserve refuses any other model whatever the client sends."""
     s = services()
     await s.runner.refresh_models()
     offered = s.runner.offered()
-    # A resumed chat whose model is no longer offered continues on the default.
-    chosen = offered.index(model) if model in offered else 0
-    cl.user_session.set("history", past or [])
-    cl.user_session.set("asked", [])
-    cl.user_session.set("model", offered[chosen])
-    # The first message's reservation is made while the user types it.
-    await end()  # a session that switches chats gives the old one's reservation back
-    holder = s.runner.next_turn()
-    cl.user_session.set("next_turn", holder)
-    s.runner.reserve_ahead(holder, _user_id(), offered[chosen], past or [])
+    try:
+        usage = await s.gate.usage(_user_id())
+    except Exception as exc:
+        log.warning("plan lookup failed (%s); the picker lists every model", type(exc).__name__)
+        return offered
+    if usage is None:
+        return offered
+    return patterns.allowed(usage.models, offered)
+
+
+async def _send_picker(allowed: list[str], chosen: str) -> None:
     await cl.ChatSettings(
         [
             Select(
                 id="model",
                 label="Model",
-                items=s.runner.labels(offered),
-                initial_value=offered[chosen],
+                items=services().runner.labels(allowed),
+                initial_value=chosen,
             )
         ]
     ).send()
+
+
+async def start(past: list[dict] | None = None, model: str | None = None) -> None:
+    s = services()
+    allowed = await _plan_models()
+    if not allowed:
+        await cl.Message(
+            content="Your plan includes none of the models this server offers: ask the "
+            "administrator to add one to your tier (vtai tier set TIER --models ...)."
+        ).send()
+        allowed = s.runner.offered()
+    # A resumed chat whose model is no longer offered, or not in the plan, goes on the default.
+    chosen = model if model in allowed else allowed[0]
+    if model is not None and model != chosen:
+        await cl.Message(
+            content=f"This chat used {model}, which is not available to you now: it goes on "
+            f"with {chosen}."
+        ).send()
+    cl.user_session.set("history", past or [])
+    cl.user_session.set("asked", [])
+    cl.user_session.set("model", chosen)
+    # The first message's reservation is made while the user types it.
+    await end()  # a session that switches chats gives the old one's reservation back
+    holder = s.runner.next_turn()
+    cl.user_session.set("next_turn", holder)
+    s.runner.reserve_ahead(holder, _user_id(), chosen, past or [])
+    await _send_picker(allowed, chosen)
     # A button by the message box: the quota is always one click away.
     await cl.context.emitter.set_commands([USAGE_COMMAND])
 
@@ -175,14 +206,13 @@ async def settings_update(values: dict) -> None:
     model = values.get("model")
     if model is None:
         return
-    await services().runner.refresh_models()
-    if model not in services().runner.offered():
-        # Whatever the client sends, only an offered model is ever called (vtai.metering.turn checks
-        # again); the picker keeps the chat's current one.
+    if model not in await _plan_models():
+        # Whatever the client sends, only an offered model is ever called (vtai.metering.turn
+        # checks again, and vtai_reserve checks the plan); the chat keeps its current one.
         current = cl.user_session.get("model") or services().settings.model
         log.warning("settings update with a model not offered refused: %r", str(model)[:100])
         await cl.Message(
-            content=f"That model is not offered here, so this chat stays on {current}."
+            content=f"That model is not offered on your plan, so this chat stays on {current}."
         ).send()
         return
     cl.user_session.set("model", model)
@@ -200,7 +230,10 @@ async def show_usage() -> None:
     if usage is None:
         await cl.Message(content=await _quota_line()).send()
         return
-    line = quota.describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)
+    entry = services().runner.catalogue
+    model = cl.user_session.get("model")
+    weight = entry.get(model).weight if entry is not None and entry.get(model) else None
+    line = quota.describe_usage(usage, weight)
     chart = quota.daily_chart(days[-31:])
     await cl.Message(
         content=f"**Usage this {services().settings.usage_period}**\n\n{line}\n\n"
@@ -246,7 +279,12 @@ def _rewind_to(message_id: str) -> None:
     cl.user_session.set("asked", asked[: len(asked) - drop])
 
 
-async def run_turn(text: str, oversize: dict | None = None, message_id: str | None = None) -> None:
+async def run_turn(
+    text: str,
+    oversize: dict | None = None,
+    message_id: str | None = None,
+    accept_short: bool = False,
+) -> None:
     s = services()
     reply = cl.Message(content="")
     outcome = await s.runner.run(
@@ -258,6 +296,7 @@ async def run_turn(text: str, oversize: dict | None = None, message_id: str | No
             text=text,
             next_turn=cl.user_session.get("next_turn"),
             oversize=oversize,
+            accept_short=accept_short,
         ),
         on_token=reply.stream_token,
     )
@@ -284,7 +323,58 @@ async def run_turn(text: str, oversize: dict | None = None, message_id: str | No
         await reply.send()
         return
     reply.content = outcome.notice or ""
+    reason = outcome.grant.reason if outcome.grant else None
+    if reason == "model_not_allowed":
+        reply.content += await _fall_back()
+    elif reason in QUOTA_REASONS or reason == "short_answer_only":
+        reply.actions = await _ways_through(outcome.grant, text, message_id)
     await reply.send()
+
+
+async def _fall_back() -> str:
+    """The plan no longer includes the chat's model: switch the chat to one it does."""
+    allowed = await _plan_models()
+    if not allowed:
+        return ""
+    cl.user_session.set("model", allowed[0])
+    await _send_picker(allowed, allowed[0])
+    return f" This chat now uses {services().runner.labels(allowed[:1]).popitem()[0]}."
+
+
+async def _free_model(current: str) -> str | None:
+    """A model the plan includes that counts nothing against it (weight 0), if any."""
+    catalogue = services().runner.catalogue
+    if catalogue is None:
+        return None
+    for model in await _plan_models():
+        entry = catalogue.get(model)
+        if model != current and entry is not None and entry.weight == 0:
+            return model
+    return None
+
+
+async def _ways_through(grant, text: str, message_id: str | None) -> list[cl.Action]:
+    """The choices at a cap, never a bare no: a free model, and a short answer when what is
+    left still allows one. The message is kept here (never taken from the client) to re-send."""
+    cl.user_session.set("retry_text", text)
+    cl.user_session.set("retry_id", message_id)
+    actions = []
+    free = await _free_model(cl.user_session.get("model") or services().settings.model)
+    cl.user_session.set("free_model", free)
+    if free is not None:
+        label = services().runner.labels([free]).popitem()[0]
+        actions.append(
+            cl.Action(name="continue_free", payload={}, label=f"Continue on the free {label}")
+        )
+    if grant.reason == "short_answer_only":
+        actions.append(
+            cl.Action(
+                name="shorter_answer",
+                payload={},
+                label=f"Shorter answer (about {grant.max_tokens:,} tokens)",
+            )
+        )
+    return actions
 
 
 async def retry(action: cl.Action) -> None:
@@ -292,3 +382,22 @@ async def retry(action: cl.Action) -> None:
     await action.remove()
     if text:
         await run_turn(text, message_id=cl.user_session.get("retry_id"))
+
+
+async def continue_free(action: cl.Action) -> None:
+    """Switch this chat to the free model offered at the cap and send the message again."""
+    model, text = cl.user_session.get("free_model"), cl.user_session.get("retry_text")
+    await action.remove()
+    if not model or not text:
+        return
+    cl.user_session.set("free_model", None)
+    cl.user_session.set("model", model)
+    await _send_picker(await _plan_models(), model)
+    await run_turn(text, message_id=cl.user_session.get("retry_id"))
+
+
+async def shorter_answer(action: cl.Action) -> None:
+    text = cl.user_session.get("retry_text")
+    await action.remove()
+    if text:
+        await run_turn(text, message_id=cl.user_session.get("retry_id"), accept_short=True)

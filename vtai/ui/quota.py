@@ -1,8 +1,11 @@
-"""How a user's quota reads in the chat and in `vtai usage`: used / limit, left, reset."""
+"""How a user's quota reads in the chat and in `vtai usage`: used / limit, left, reset, and
+every other cap of their plan; and how a refusal for quota reads."""
 
 from __future__ import annotations
 
 from datetime import datetime
+
+from vtai.metering.gate import Usage
 
 
 def _when(at: datetime | None) -> str:
@@ -17,6 +20,28 @@ def describe(tier: str, used: int, limit: int | None, resets_at: datetime | None
         f"{bar(used, limit, 10)} {used:,} / {limit:,} tokens used · {left:,} left · "
         f"{tier} tier · resets {_when(resets_at)}"
     )
+
+
+def describe_usage(usage: Usage, weight: float | None = None) -> str:
+    """The quota line with every cap that applies: tokens this period, today, dollars, and the
+    current model's weight when it is not 1."""
+    parts = [describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)]
+    if usage.daily_limit is not None:
+        left = max(usage.daily_limit - usage.daily_used, 0)
+        parts.append(f"today {usage.daily_used:,} / {usage.daily_limit:,} ({left:,} left)")
+    if usage.usd_limit is not None:
+        parts.append(f"${usage.usd_used:,.2f} / ${usage.usd_limit:,.2f} spent")
+    line = " · ".join(parts)
+    note = weight_note(weight)
+    return f"{line} · {note}" if note else line
+
+
+def weight_note(weight: float | None) -> str | None:
+    if weight is None or weight == 1:
+        return None
+    if weight == 0:
+        return "this model is free: it doesn't count against your quota"
+    return f"this model counts {weight:g}× against your quota"
 
 
 def bar(used: int, limit: int | None, width: int = 20) -> str:
