@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -94,3 +97,63 @@ async def test_wrong_password_is_refused_and_empty_message_explained(db_url, con
         reply = await send(page, "/usage")
         assert "0 / 10,000 tokens used" in reply
     assert await conn.fetchval("select count(*) from request_logs") == 0
+
+
+async def test_free_user_at_the_limit_continues_on_the_free_local_model(db_url, conn, tmp_path):
+    """The paid model is tests/fake_provider.py, a FAKE OpenAI-compatible server (a real
+    provider can't be reached from here); the free model is the real local one, made free
+    with the operator's one command, `vtai model weight 'local/*' 0`."""
+    from tests.fake_provider import FakeProvider
+
+    provider = FakeProvider().start()
+    try:
+        weight = subprocess.run(
+            [sys.executable, "-m", "vtai.cli", "model", "weight", "local/*", "0"],
+            env={**os.environ, "VTAI_DATABASE_URL": db_url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert weight.returncode == 0, weight.stderr
+        user = await add_user(conn, "atlimit")
+        await conn.execute(
+            "select vtai_record(jsonb_build_object('litellm_call_id', 'earlier', 'end_user',"
+            " $1::text, 'status', 'success', 'model', 'openai/fake', 'prompt_tokens', 300))",
+            str(user.id),
+        )
+        env = {
+            "VTAI_MODEL": "openai/fake",
+            "OPENAI_API_BASE": provider.url("script"),
+            "OPENAI_API_KEY": "sk-test-not-a-real-key",
+            "VTAI_LIMIT_FREE": "300",
+            "VTAI_MAX_TOKENS": "48",
+        }
+        async with running_app(db_url, tmp_path, **env) as base, browser_page() as page:
+            await login(page, base, "atlimit")
+            refusal = await send(page, "What is a tide?")
+            button = page.get_by_role("button", name="Continue on the free SmolLM2 135M (local)")
+            await button.wait_for(timeout=30_000)
+            await screenshot(page, "plan_limit_choice")
+            before = await page.locator(ASSISTANT).count()
+            await button.click()
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                if await page.locator(ASSISTANT).count() > before:
+                    answer = await page.locator(ASSISTANT).last.inner_text()
+                    if "tokens used" in answer:
+                        break
+                await asyncio.sleep(0.2)
+            await screenshot(page, "plan_free_model_answer")
+    finally:
+        provider.stop()
+    assert "You have used your token quota" in refusal and "resets" in refusal, refusal
+    assert "tokens used" in answer and "free" in answer, answer
+    assert provider.calls == []
+    row = await conn.fetchrow(
+        "select model, status, weight, counted_tokens, total_tokens from request_logs"
+        " where end_user = $1 and status = 'success' and litellm_call_id <> 'earlier'",
+        user.id,
+    )
+    assert row["model"] == "local/smollm2-135m" and row["total_tokens"] > 0
+    assert row["weight"] == 0 and row["counted_tokens"] == 0
+    assert await conn.fetchval("select * from vtai_verify_counters()") is None

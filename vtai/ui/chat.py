@@ -328,6 +328,8 @@ async def run_turn(
         reply.content += await _fall_back()
     elif reason in QUOTA_REASONS or reason == "short_answer_only":
         reply.actions = await _ways_through(outcome.grant, text, message_id)
+        if reply.actions:
+            reply.content += "\n\nOr go on now:"
     await reply.send()
 
 
