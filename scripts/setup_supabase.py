@@ -137,7 +137,9 @@ async def verify(conn: asyncpg.Connection) -> Report:
         not stale,
         "function files applied",
         f"{', '.join(f.name for f in stale)} not applied as they are now: run"
-        " scripts/setup_supabase.py" if stale else "",
+        " scripts/setup_supabase.py"
+        if stale
+        else "",
     )
     changed = await migrations.changed(conn)
     report.check(

@@ -209,3 +209,194 @@ async def test_model_bad_input_is_one_line_naming_the_field(run, argv, expected)
     code, out, err = await run(*argv)
     assert code == 2 and err.startswith("vtai: ") and expected in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- Plans: `vtai tier show/set`, weights, and the audit trail of every CLI change ----------
+
+
+async def audit_rows(db_url) -> list[tuple]:
+    import json
+
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch(
+            "select actor, action, target, before::text as b, after::text as a"
+            " from audit_log order by id"
+        )
+    finally:
+        await conn.close()
+    return [
+        (
+            r["actor"],
+            r["action"],
+            r["target"],
+            json.loads(r["b"]) if r["b"] else None,
+            json.loads(r["a"]) if r["a"] else None,
+        )
+        for r in rows
+    ]
+
+
+def table(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+
+
+async def test_tier_show_and_set(run, db_url):
+    import getpass
+
+    code, out, err = await run("tier", "show")
+    assert code == 0 and err == ""
+    assert out.splitlines()[0].split() == [
+        "tier",
+        "tokens/month",
+        "daily",
+        "usd/month",
+        "rpm",
+        "models",
+    ]
+    assert table(out) == {
+        "free": ["free", "10000", "-", "-", "-", "*"],
+        "basic": ["basic", "100000", "-", "-", "-", "*"],
+        "premium": ["premium", "500000", "-", "-", "-", "*"],
+        "unlimited": ["unlimited", "-", "-", "-", "-", "*"],
+    }
+
+    code, out, err = await run(
+        "tier",
+        "set",
+        "free",
+        "--tokens",
+        "20000",
+        "--daily",
+        "2000",
+        "--usd",
+        "1.50",
+        "--rpm",
+        "10",
+        "--models",
+        "local/*,gpt-4o-mini",
+    )
+    assert code == 0 and err == ""
+    assert out.splitlines() == [
+        "free: tokens 10000 -> 20000",
+        "free: daily - -> 2000",
+        "free: usd - -> 1.50",
+        "free: rpm - -> 10",
+        "free: models * -> local/*,gpt-4o-mini",
+    ]
+    _, out, _ = await run("tier", "show")
+    assert table(out)["free"] == ["free", "20000", "2000", "1.50", "10", "local/*,gpt-4o-mini"]
+
+    # `none` clears a cap; the same values again change nothing.
+    code, out, _ = await run("tier", "set", "free", "--daily", "none", "--rpm", "NONE")
+    assert code == 0 and out.splitlines() == ["free: daily 2000 -> -", "free: rpm 10 -> -"]
+    code, out, _ = await run("tier", "set", "free", "--tokens", "20000")
+    assert code == 0 and out == "free: no change\n"
+
+    me = f"cli:{getpass.getuser()}"
+    assert await audit_rows(db_url) == [
+        (
+            me,
+            "tier.set",
+            "free",
+            {
+                "token_limit": 10000,
+                "daily_limit": None,
+                "usd_limit": None,
+                "rpm": None,
+                "models": ["*"],
+            },
+            {
+                "token_limit": 20000,
+                "daily_limit": 2000,
+                "usd_limit": "1.50",
+                "rpm": 10,
+                "models": ["local/*", "gpt-4o-mini"],
+            },
+        ),
+        (
+            me,
+            "tier.set",
+            "free",
+            {"daily_limit": 2000, "rpm": 10},
+            {"daily_limit": None, "rpm": None},
+        ),
+    ]
+
+
+async def test_tier_set_warns_of_a_pattern_matching_no_model(run, db_url):
+    code, out, err = await run("tier", "set", "basic", "--models", "local/*,nothing/*")
+    assert code == 0 and out == "basic: models * -> local/*,nothing/*\n"
+    assert err == (
+        "vtai: warning: --models: 'nothing/*' matches no model in the catalogue (vtai model list)\n"
+    )
+
+
+async def test_tier_set_warns_when_a_variable_will_put_the_limit_back(run, monkeypatch):
+    monkeypatch.setenv("VTAI_LIMIT_FREE", "15000")
+    code, out, err = await run("tier", "set", "free", "--tokens", "20000")
+    assert code == 0 and out == "free: tokens 15000 -> 20000\n"
+    assert "vtai: warning: VTAI_LIMIT_FREE=15000 is set: the next start-up puts" in err
+    _, out, _ = await run("tier", "show")
+    # this command's own start-up put it back
+    assert table(out)["free"][1] == "15000" and "VTAI_LIMIT_FREE=15000 sets" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("tier", "set", "free", "--daily", "-5"), "--daily: -5 is negative"),
+        (("tier", "set", "free", "--tokens", "-1"), "--tokens: -1 is negative"),
+        (("tier", "set", "free", "--usd", "-0.5"), "--usd: -0.5 is negative"),
+        (("tier", "set", "free", "--usd", "lots"), "--usd: 'lots' is not an amount"),
+        (("tier", "set", "free", "--rpm", "ten"), "--rpm: 'ten' is not a whole number"),
+        (("tier", "set", "free", "--models", ""), "--models: name at least one model"),
+        (("tier", "set", "gold", "--rpm", "1"), "TIER: unknown tier 'gold': choose one of"),
+        (("tier", "set", "free"), "TIER: say what to change"),
+        (("model", "weight", "gpt-4o", "ten"), "WEIGHT: must be a non-negative number"),
+        (("model", "weight", "gpt-4o", "2000000"), "WEIGHT: must be a non-negative number up to"),
+        (("model", "weight", "gpt 4o", "2"), "PATTERN: 'gpt 4o' has a space"),
+    ],
+)
+async def test_plan_bad_input_is_one_line_naming_the_field(run, db_url, argv, expected):
+    code, out, err = await run(*argv)
+    assert code == 2 and err.startswith("vtai: ") and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+    assert await audit_rows(db_url) == []
+    _, out, _ = await run("tier", "show")
+    assert table(out)["free"] == ["free", "10000", "-", "-", "-", "*"]
+
+
+async def test_every_cli_change_is_audited_as_the_os_user(run, db_url, monkeypatch):
+    import getpass
+
+    monkeypatch.setenv("MINE_KEY", "sk-mine")
+    me = f"cli:{getpass.getuser()}"
+    await run("user", "add", "ada", "--password-stdin", stdin="pw-123\n")
+    assert (await run("user", "tier", "ada", "premium"))[0] == 0
+    assert (await run("user", "tier", "ada", "premium"))[0] == 0  # no change, no row
+    argv = ("model", "add", "openai/mine", "--api-base", "http://127.0.0.1:9/v1")
+    assert (await run(*argv, "--api-key-env", "MINE_KEY", "--weight", "2"))[0] == 0
+    assert (await run("model", "disable", "gpt-4o"))[0] == 0
+    code, out, _ = await run("model", "disable", "gpt-4o")
+    assert code == 0 and "(it already was)" in out
+    assert (await run("model", "enable", "gpt-4o"))[0] == 0
+    assert (await run("model", "weight", "gpt-4o", "10"))[0] == 0
+    assert (await run("model", "weight", "gpt-4o", "12.5"))[0] == 0
+    assert (await run("model", "weight", "gpt-4o", "12.5"))[0] == 0  # no change, no row
+
+    rows = await audit_rows(db_url)
+    assert {r[0] for r in rows} == {me}
+    assert [(r[1], r[2], r[3], r[4]) for r in rows if r[1] != "model.add"] == [
+        ("user.tier", "ada", {"tier": "free"}, {"tier": "premium"}),
+        ("model.disable", "gpt-4o", {"enabled": True}, {"enabled": False}),
+        ("model.enable", "gpt-4o", {"enabled": False}, {"enabled": True}),
+        ("model.weight", "gpt-4o", None, {"weight": 10.0}),
+        ("model.weight", "gpt-4o", {"weight": 10.0}, {"weight": 12.5}),
+    ]
+    added = next(r for r in rows if r[1] == "model.add")
+    assert added[2] == "openai/mine" and added[3] is None
+    assert added[4]["api_base"] == "http://127.0.0.1:9/v1" and added[4]["weight"] == 2.0
+    assert added[4]["api_key_env"] == "MINE_KEY" and "sk-mine" not in str(added)

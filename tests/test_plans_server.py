@@ -73,7 +73,9 @@ class App:
 
     async def no_reservations(self, user, timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
-            while await self.sql("select 1 from reservations where end_user = $1", user.id):
+            while True:
+                if not await self.sql("select 1 from reservations where end_user = $1", user.id):
+                    return
                 await asyncio.sleep(0.05)
 
     async def used(self, user) -> int:

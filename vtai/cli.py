@@ -1,6 +1,9 @@
-"""The `vtai` command: users, usage, models and the spool, against the same database as the app.
+"""The `vtai` command: users, usage, plans, models and the spool, against the same database as
+the app.
 
-Every failure is one line on stderr and a non-zero exit; no stack traces.
+Every failure is one line on stderr and a non-zero exit; no stack traces. A warning is a line on
+stderr starting `vtai: warning:`, with exit 0. Every change to a plan, a model, a weight or a
+user's tier is written to the audit trail (vtai.plans.audit) as `cli:<OS user>`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from vtai.llm import catalogue, models
 from vtai.metering.gate import Gate
 from vtai.metering.ledger import Ledger
 from vtai.metering.spool import ReplayStopped, Spool
-from vtai.settings import NEEDS_DATABASE, Settings, SettingsError, load_settings
+from vtai.plans import audit
+from vtai.plans import tiers as plans
+from vtai.settings import LIMIT_VARS, NEEDS_DATABASE, Settings, SettingsError, load_settings
 from vtai.ui import quota
 
 
@@ -58,10 +63,26 @@ async def user_add(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, work)
 
 
+def _warn(text: str) -> None:
+    print(f"vtai: warning: {text}", file=sys.stderr)
+
+
 async def user_tier(settings: Settings, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
-        async with db.pool.acquire() as conn:
+        async with db.pool.acquire() as conn, conn.transaction():
+            was = await conn.fetchval(
+                "select tier from public.profiles where username = $1 for update", args.name
+            )
             p = await users.set_tier(conn, args.name, args.tier)
+            if was != p.tier:
+                await audit.record(
+                    conn,
+                    audit.cli_actor(),
+                    audit.USER_TIER,
+                    p.username,
+                    {"tier": was},
+                    {"tier": p.tier},
+                )
         print(f"{p.username} is now on the {p.tier} tier")
         return 0
 
@@ -136,7 +157,7 @@ async def usage(settings: Settings, args: argparse.Namespace) -> int:
             counters = await db.pool.fetch("select * from public.vtai_verify_counters()")
             for r in counters:
                 print(
-                    f"mismatch: user {r['end_user']} period {r['period_start']:%Y-%m-%d}: "
+                    f"mismatch: user {r['end_user']} {r['counter']} {r['period_start']:%Y-%m-%d}: "
                     f"counter {r['counter_used']}, ledger {r['ledger_used']}"
                 )
             buckets = await db.pool.fetch("select * from public.vtai_verify_aggregates()")
@@ -156,7 +177,7 @@ async def usage(settings: Settings, args: argparse.Namespace) -> int:
             profile = await users.require(conn, args.name)
         gate = Gate(db.pool, settings.usage_period)
         u = await gate.usage(profile.id)
-        print(f"{u.username}: {quota.describe(u.tier, u.used, u.token_limit, u.resets_at)}")
+        print(f"{u.username}: {quota.describe_usage(u)}")
         return 0
 
     return await _with_db(settings, work)
@@ -228,6 +249,7 @@ async def model_add(settings: Settings, args: argparse.Namespace) -> int:
                 price_in,
                 price_out,
                 weight,
+                actor=audit.cli_actor(),
             )
         reason = models.unavailable_reason(entry, settings=settings)
         where = f" at {entry.api_base}" if entry.api_base else ""
@@ -268,9 +290,11 @@ def _toggle(enabled: bool):
     async def run(settings: Settings, args: argparse.Namespace) -> int:
         async def work(db: Database) -> int:
             async with db.pool.acquire() as conn:
-                await catalogue.set_enabled(conn, args.name, enabled)
+                changed = await catalogue.set_enabled(
+                    conn, args.name, enabled, actor=audit.cli_actor()
+                )
             state = "enabled" if enabled else "disabled: no longer offered or run"
-            print(f"{args.name} is {state}")
+            print(f"{args.name} is {state}{'' if changed else ' (it already was)'}")
             return 0
 
         return await _with_db(settings, work)
@@ -283,9 +307,11 @@ async def model_weight(settings: Settings, args: argparse.Namespace) -> int:
 
     async def work(db: Database) -> int:
         async with db.pool.acquire() as conn:
-            changed = await catalogue.set_weight(conn, args.pattern, weight)
+            changed = await catalogue.set_weight(
+                conn, args.pattern, weight, actor=audit.cli_actor()
+            )
         if not changed:
-            print(f"vtai: warning: no model matches {args.pattern!r}", file=sys.stderr)
+            _warn(f"no model matches {args.pattern!r}")
         for name in changed:
             print(f"{name}: weight {weight:g}")
         return 0
@@ -293,9 +319,56 @@ async def model_weight(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, work)
 
 
+async def tier_show(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            found = await plans.read(conn)
+        period = settings.usage_period
+        print(
+            f"{'tier':<12} {'tokens/' + period:>16} {'daily':>12} {'usd/' + period:>14}"
+            f" {'rpm':>7}  models"
+        )
+        for p in found:
+            print(
+                f"{p.name:<12} {plans.shown(p.token_limit):>16} {plans.shown(p.daily_limit):>12}"
+                f" {plans.shown(p.usd_limit):>14} {plans.shown(p.rpm):>7}  {plans.shown(p.models)}"
+            )
+        for tier, limit in settings.tier_limits.items():
+            print(f"({LIMIT_VARS[tier]}={limit} sets the {tier} tier's tokens at every start-up)")
+        return 0
+
+    return await _with_db(settings, work)
+
+
+async def tier_set(settings: Settings, args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in plans.FIELDS}
+    if all(value is None for value in given.values()):
+        raise CliError("TIER: say what to change: --tokens, --daily, --usd, --rpm or --models")
+    changes = plans.parse_changes(given, prefix="--")
+
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            saved = await plans.save(conn, args.tier, changes, audit.cli_actor())
+        for warning in saved.warnings:
+            _warn(warning)
+        override = plans.env_override(args.tier, changes, settings.tier_limits)
+        if override:
+            _warn(override)
+        if not saved.changed:
+            print(f"{args.tier}: no change")
+            return 0
+        for name, column in plans.FIELDS.items():
+            was, now = getattr(saved.before, column), getattr(saved.after, column)
+            if was != now:
+                print(f"{args.tier}: {name} {plans.shown(was)} -> {plans.shown(now)}")
+        return 0
+
+    return await _with_db(settings, work)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vtai", description="Manage VT.ai users, usage and models."
+        prog="vtai", description="Manage VT.ai users, usage, plans and models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -325,6 +398,23 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("name")
         action.set_defaults(run=run)
     user.add_parser("list", help="list accounts").set_defaults(run=user_list)
+
+    tiers = sub.add_parser("tier", help="the plans: each tier's caps and models").add_subparsers(
+        dest="action", required=True
+    )
+    tiers.add_parser("show", help="every tier's caps (- for none) and models").set_defaults(
+        run=tier_show
+    )
+    tset = tiers.add_parser("set", help="change a tier's caps or models (none clears a cap)")
+    tset.add_argument("tier", metavar="TIER")
+    tset.add_argument("--tokens", metavar="N|none", help="tokens per period")
+    tset.add_argument("--daily", metavar="N|none", help="tokens per UTC day")
+    tset.add_argument("--usd", metavar="X|none", help="US dollars per period")
+    tset.add_argument("--rpm", metavar="N|none", help="requests per minute")
+    tset.add_argument(
+        "--models", metavar="'a,b'", help="model names or patterns, comma-separated (* is all)"
+    )
+    tset.set_defaults(run=tier_set)
 
     use = sub.add_parser("usage", help="a user's tokens this period, or --verify the counters")
     use.add_argument("name", nargs="?")
@@ -379,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         DatabaseError,
         users.UserError,
         catalogue.CatalogueError,
+        plans.PlanError,
     ) as exc:
         print(f"vtai: {exc}", file=sys.stderr)
         return 2

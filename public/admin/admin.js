@@ -2,7 +2,7 @@
 // Everything the page loaded is kept on window.vtaiAdmin, which the browser test inspects.
 "use strict";
 
-const state = (window.vtaiAdmin = { summary: null, series: null, users: null, logs: null });
+const state = (window.vtaiAdmin = { summary: null, series: null, users: null, logs: null, plans: null });
 const charts = {};
 let cursors = [null]; // cursors[i] opens page i of the log; keyset, so no page numbers in SQL
 
@@ -239,6 +239,242 @@ $("#logs-next").addEventListener("click", () => loadLogs(state.logPage + 1).catc
 $("#logs-prev").addEventListener("click", () => loadLogs(state.logPage - 1).catch((e) => say(e.message, true)));
 $("#logs-first").addEventListener("click", () => loadLogs(0).catch((e) => say(e.message, true)));
 
+// ---- plans -------------------------------------------------------------------------------
+// A tier's row keeps what the admin typed until it is saved: a reload (after any save) only
+// refreshes the rows nobody has edited, and a refused save leaves every input as it was.
+
+const PLAN_FIELDS = [
+  ["tokens", "token_limit"],
+  ["daily", "daily_limit"],
+  ["usd", "usd_limit"],
+  ["rpm", "rpm"],
+  ["models", "models"],
+];
+const planRows = {}; // tier -> { tr, inputs, loaded }
+
+function sayPlans(text, kind) {
+  const el = $("#plans-message");
+  el.textContent = text || "";
+  el.className = kind || "";
+}
+
+// "daily: -5 is negative..." names the form field first; mark that input.
+function markInvalid(container, message) {
+  for (const el of container.querySelectorAll(".invalid")) el.classList.remove("invalid");
+  const m = /^([a-z_]+): /.exec(message || "");
+  const input = m && container.querySelector('[name="' + m[1] + '"]');
+  if (input) {
+    input.classList.add("invalid");
+    input.focus();
+  }
+}
+
+function planText(plan, column) {
+  const v = plan[column];
+  if (column === "models") return v.join(", ");
+  return v === null ? "" : String(v);
+}
+
+function setPlanRow(row, plan) {
+  for (const [field, column] of PLAN_FIELDS) {
+    row.loaded[field] = planText(plan, column);
+    row.inputs[field].value = row.loaded[field];
+  }
+}
+
+const rowEdited = (row) => PLAN_FIELDS.some(([f]) => row.inputs[f].value !== row.loaded[f]);
+
+async function savePlan(tier, row, button) {
+  const body = {};
+  for (const [field] of PLAN_FIELDS) body[field] = row.inputs[field].value;
+  button.disabled = true;
+  try {
+    const r = await api("/admin/api/plans/" + encodeURIComponent(tier), {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    setPlanRow(row, r.plan);
+    markInvalid(row.tr, "");
+    const text = r.changed ? "Saved the " + tier + " plan." : "No change to the " + tier + " plan.";
+    if (r.warnings.length) sayPlans(text + " Warning: " + r.warnings.join("; "), "warning");
+    else sayPlans(text);
+    await loadPlans();
+    if (r.changed) await loadUsers();
+  } catch (err) {
+    sayPlans("The " + tier + " plan was not saved: " + err.message, "error");
+    markInvalid(row.tr, err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function renderTiers(tiers) {
+  const body = $("#plans-table tbody");
+  for (const plan of tiers) {
+    let row = planRows[plan.name];
+    if (row) {
+      if (!rowEdited(row)) setPlanRow(row, plan);
+      continue;
+    }
+    const tr = document.createElement("tr");
+    tr.dataset.tier = plan.name;
+    cell(tr, plan.name);
+    row = planRows[plan.name] = { tr, inputs: {}, loaded: {} };
+    for (const [field] of PLAN_FIELDS) {
+      const input = document.createElement("input");
+      input.name = field;
+      input.placeholder = field === "models" ? "no model" : "none";
+      input.setAttribute("aria-label", plan.name + " " + field);
+      row.inputs[field] = input;
+      cell(tr, "").appendChild(input);
+    }
+    const save = document.createElement("button");
+    save.type = "button";
+    save.className = "save-plan";
+    save.textContent = "Save";
+    const thisRow = row;
+    save.addEventListener("click", () => savePlan(plan.name, thisRow, save));
+    cell(tr, "").appendChild(save);
+    body.appendChild(tr);
+    setPlanRow(row, plan);
+  }
+}
+
+const price = (v) => (v === null || v === undefined ? "–" : String(v));
+
+function renderCatalogue(rows) {
+  const body = $("#catalogue tbody");
+  body.replaceChildren();
+  for (const m of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.model = m.model;
+    cell(tr, m.model);
+    cell(tr, m.display_name || "");
+    cell(tr, String(m.weight), "num");
+    cell(tr, price(m.price_in), "num");
+    cell(tr, price(m.price_out), "num");
+    if (m.available) cell(tr, "available");
+    else cell(tr, "unavailable: " + m.reason, "unavailable");
+    const toggle = document.createElement("button");
+    toggle.type = "button";
+    toggle.className = "toggle-model";
+    toggle.textContent = m.enabled ? "Disable" : "Enable";
+    toggle.addEventListener("click", async () => {
+      toggle.disabled = true;
+      try {
+        await api("/admin/api/models/enabled", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ model: m.model, enabled: !m.enabled }),
+        });
+        sayPlans(m.model + (m.enabled ? " is disabled: no longer offered or run." : " is enabled."));
+        await loadPlans();
+      } catch (err) {
+        sayPlans(m.model + ": " + err.message, "error");
+        toggle.disabled = false;
+      }
+    });
+    cell(tr, "").appendChild(toggle);
+    body.appendChild(tr);
+  }
+}
+
+function renderWeights(rows) {
+  const body = $("#weights tbody");
+  body.replaceChildren();
+  if (!rows.length) {
+    const tr = document.createElement("tr");
+    cell(tr, "No weight rules: every model counts 1 token per token.");
+    body.appendChild(tr);
+  }
+  for (const w of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.pattern = w.pattern;
+    cell(tr, w.pattern);
+    cell(tr, String(w.weight), "num");
+    cell(tr, w.matches.length ? w.matches.join(", ") : "none yet", "wrap");
+    cell(tr, when(w.updated_at).slice(0, 16));
+    body.appendChild(tr);
+  }
+}
+
+const json = (v) => (v === null || v === undefined ? "–" : JSON.stringify(v));
+
+function renderAudit(rows) {
+  const body = $("#audit tbody");
+  body.replaceChildren();
+  if (!rows.length) {
+    const tr = document.createElement("tr");
+    cell(tr, "No changes recorded yet.");
+    body.appendChild(tr);
+  }
+  for (const a of rows) {
+    const tr = document.createElement("tr");
+    cell(tr, when(a.at));
+    cell(tr, a.actor);
+    cell(tr, a.action);
+    cell(tr, a.target);
+    cell(tr, json(a.before), "json");
+    cell(tr, json(a.after), "json");
+    body.appendChild(tr);
+  }
+}
+
+async function loadPlans() {
+  const p = (state.plans = await api("/admin/api/plans"));
+  renderTiers(p.tiers);
+  $("#plans-overrides").textContent = Object.entries(p.overrides)
+    .map(([tier, o]) => o.variable + "=" + o.value + " puts the " + tier + " tier's tokens back at every start-up.")
+    .join(" ");
+  renderCatalogue(p.models);
+  renderWeights(p.weights);
+  renderAudit(p.audit);
+}
+
+function formBody(form) {
+  const body = {};
+  for (const [k, v] of new FormData(form)) body[k] = v;
+  return body;
+}
+
+async function submitForm(form, path, done) {
+  const button = form.querySelector("button[type=submit]");
+  button.disabled = true;
+  try {
+    const r = await api(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(formBody(form)),
+    });
+    markInvalid(form, "");
+    done(r);
+    form.reset();
+    await loadPlans();
+  } catch (err) {
+    sayPlans(err.message, "error");
+    markInvalid(form, err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+$("#weight-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  submitForm(e.target, "/admin/api/weights", (r) => {
+    const text = r.pattern + ": weight " + r.weight + " (" + (r.matches.join(", ") || "no model yet") + ").";
+    if (r.warnings.length) sayPlans(text + " Warning: " + r.warnings.join("; "), "warning");
+    else sayPlans(text);
+  });
+});
+
+$("#model-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  submitForm(e.target, "/admin/api/models", (m) =>
+    sayPlans("Added " + m.model + (m.available ? " (offered)." : " (unavailable: " + m.reason + ")."))
+  );
+});
+
 // ---- feedback ----------------------------------------------------------------------------
 
 async function loadFeedback() {
@@ -264,6 +500,6 @@ async function loadFeedback() {
 
 // ---- start -------------------------------------------------------------------------------
 
-Promise.all([loadSummary(), loadSeries(), loadUsers(), loadLogs(0), loadFeedback()])
+Promise.all([loadSummary(), loadSeries(), loadUsers(), loadLogs(0), loadFeedback(), loadPlans()])
   .then(() => (document.body.dataset.loaded = "true"))
   .catch((e) => say(e.message, true));

@@ -585,7 +585,8 @@ async def test_two_appliers_at_once_apply_each_file_once(empty_db_url):
         applied = await asyncio.gather(
             migrations.apply_pending(first), migrations.apply_pending(second)
         )
-        assert sorted(len(a) for a in applied) == [0, len(migrations.discover())]
+        files = len(migrations.discover()) + len(migrations.discover_functions())
+        assert sorted(len(a) for a in applied) == [0, files]
         assert await first.fetchval(
             "select count(*) from supabase_migrations.schema_migrations"
         ) == len(migrations.discover())

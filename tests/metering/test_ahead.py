@@ -269,8 +269,11 @@ async def test_a_plan_change_gives_back_what_chats_hold_ahead(services, conn):
     services.runner.plan_watch.on_change = runner.plans_changed  # this runner hears it
     await conn.execute("update tiers set daily_limit = null where name = 'free'")
     async with asyncio.timeout(10):
-        while await conn.fetchval(
-            "select count(*) from reservations where end_user = $1", user.id
-        ):
+        while True:
+            held = await conn.fetchval(
+                "select count(*) from reservations where end_user = $1", user.id
+            )
+            if not held:
+                break
             await asyncio.sleep(0.05)
     assert await holder.take(user.id, 10, 10, MODEL) is None

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 
 from vtai.admin import balances
+from vtai.plans import audit
 
 # Dates and cursors the log browser accepts; anything outside is a 400, not a database error.
 FIRST_YEAR, LAST_YEAR = 2000, 2100
@@ -180,18 +181,26 @@ class TierError(ValueError):
     pass
 
 
-async def set_tier(pool: asyncpg.Pool, user_id: uuid.UUID, tier: str) -> dict:
+async def set_tier(pool: asyncpg.Pool, user_id: uuid.UUID, tier: str, actor: str) -> dict:
+    """Move a user to `tier`, with its audit row (`actor`: the admin) in the same transaction."""
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval(
             "select exists(select 1 from public.tiers where name = $1)", tier
         ):
             names = [r["name"] for r in await conn.fetch("select name from public.tiers")]
             raise TierError(f"unknown tier {tier!r}: choose one of {', '.join(sorted(names))}")
+        was = await conn.fetchval(
+            "select tier from public.profiles where id = $1 for update", user_id
+        )
         row = await conn.fetchrow(
             "update public.profiles set tier = $2 where id = $1 returning id, username, tier",
             user_id,
             tier,
         )
+        if row is not None and was != tier:
+            await audit.record(
+                conn, actor, audit.USER_TIER, row["username"], {"tier": was}, {"tier": tier}
+            )
     if row is None:
         raise LookupError(f"no user with id {user_id}")
     return dict(row)

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 
 from vtai.admin import balances
+from vtai.admin import plans as plans_panel
 from vtai.admin.auth import NotSignedIn, admin_from_request, same_origin
 from vtai.admin.export import csv_rows
 from vtai.admin.reports import (
@@ -95,9 +96,27 @@ def _services_period() -> str:
     return chat.services().settings.usage_period
 
 
+def _services_limits() -> dict[str, int]:
+    """The VTAI_LIMIT_* variables set (a tier's token limit put back at every start-up)."""
+    from vtai.ui import chat
+
+    try:
+        return chat.services().settings.tier_limits
+    except RuntimeError:  # no services (the routes on an app of their own)
+        return {}
+
+
+async def _body(request: Request):
+    try:
+        return await request.json()
+    except ValueError:
+        return None
+
+
 def build_router(
     get_pool: Callable[[], asyncpg.Pool] = _services_pool,
     get_period: Callable[[], str] = _services_period,
+    get_limits: Callable[[], dict[str, int]] = _services_limits,
 ) -> APIRouter:
     # Every route: a GET passes, anything that changes state must come from our own origin.
     router = APIRouter(dependencies=[Depends(same_origin)])
@@ -150,7 +169,7 @@ def build_router(
         if not isinstance(tier, str) or not tier:
             raise HTTPException(400, 'send {"tier": "<name>"}')
         try:
-            changed = await set_tier(get_pool(), user_id, tier)
+            changed = await set_tier(get_pool(), user_id, tier, admin["username"])
         except TierError as exc:
             raise HTTPException(400, str(exc)) from None
         except LookupError as exc:
@@ -190,6 +209,41 @@ def build_router(
     async def api_balances_sync(admin: Admin):
         return await balances.sync(get_pool())
 
+    # --- Plans: each edit validated, then saved with its audit row (vtai.admin.plans) -------
+
+    async def edit(work, what: str, admin):
+        try:
+            result = await work
+        except plans_panel.FormError as exc:
+            raise HTTPException(400, str(exc)) from None
+        log.info("admin %s changed %s", admin["username"], what)
+        return result
+
+    @router.get("/admin/api/plans")
+    async def api_plans(admin: Admin):
+        return await plans_panel.panel(get_pool(), get_limits())
+
+    @router.post("/admin/api/plans/{tier}")
+    async def api_save_plan(tier: str, request: Request, admin: Admin):
+        body = await _body(request)
+        work = plans_panel.save_plan(get_pool(), tier, body, admin["username"], get_limits())
+        return await edit(work, f"the {tier} plan", admin)
+
+    @router.post("/admin/api/models")
+    async def api_add_model(request: Request, admin: Admin):
+        work = plans_panel.add_model(get_pool(), await _body(request), admin["username"])
+        return await edit(work, "the model catalogue", admin)
+
+    @router.post("/admin/api/models/enabled")
+    async def api_model_enabled(request: Request, admin: Admin):
+        work = plans_panel.set_enabled(get_pool(), await _body(request), admin["username"])
+        return await edit(work, "a model's state", admin)
+
+    @router.post("/admin/api/weights")
+    async def api_weight(request: Request, admin: Admin):
+        work = plans_panel.set_weight(get_pool(), await _body(request), admin["username"])
+        return await edit(work, "a model weight", admin)
+
     return router
 
 
@@ -197,6 +251,7 @@ def register(
     app: FastAPI,
     get_pool: Callable[[], asyncpg.Pool] = _services_pool,
     get_period: Callable[[], str] = _services_period,
+    get_limits: Callable[[], dict[str, int]] = _services_limits,
 ) -> None:
     """Add the admin routes to `app`, ahead of Chainlit's catch-all `/{full_path:path}`.
 
@@ -204,7 +259,7 @@ def register(
     """
     app.router.routes[:] = [r for r in app.router.routes if not getattr(r, "vtai_admin", False)]
     before = len(app.router.routes)
-    app.include_router(build_router(get_pool, get_period))
+    app.include_router(build_router(get_pool, get_period, get_limits))
     added = app.router.routes[before:]
     for route in added:
         route.vtai_admin = True

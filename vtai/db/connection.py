@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from vtai.db import migrations
-from vtai.settings import Settings
+from vtai.plans import audit
+from vtai.settings import LIMIT_VARS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,45 @@ async def connect(url: str, timeout: float = 10.0) -> asyncpg.Connection:
 
 
 async def sync_tiers(conn: asyncpg.Connection, limits: dict[str, int]) -> None:
-    """Apply VTAI_LIMIT_* overrides to the tiers table, the one definition of the limits."""
+    """Apply the VTAI_LIMIT_* variables that are set to their tiers' token limits.
+
+    A variable set overrides the tier's token limit at every start-up (seeding it the first
+    time), says so in the log and, when that changes the limit, writes an audit row as
+    `env:VTAI_LIMIT_*`. A tier whose variable is unset keeps its plan as last edited with
+    `vtai tier set` or /admin.
+    """
     for tier, limit in limits.items():
-        await conn.execute("update public.tiers set token_limit = $2 where name = $1", tier, limit)
+        var = LIMIT_VARS[tier]
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "select token_limit from public.tiers where name = $1 for update", tier
+            )
+            if row is None:
+                log.warning("%s=%d: there is no %s tier to apply it to", var, limit, tier)
+                continue
+            was = row["token_limit"]
+            if was != limit:
+                await conn.execute(
+                    "update public.tiers set token_limit = $2 where name = $1", tier, limit
+                )
+                await audit.record(
+                    conn,
+                    f"env:{var}",
+                    audit.TIER_SET,
+                    tier,
+                    {"token_limit": was},
+                    {"token_limit": limit},
+                )
+        if was == limit:
+            log.info("%s=%d sets the %s tier's token limit (unchanged)", var, limit, tier)
+        else:
+            log.warning(
+                "%s=%d overrides the %s tier's token limit (was %s)",
+                var,
+                limit,
+                tier,
+                "no limit" if was is None else was,
+            )
 
 
 def gate_server_settings(reserve_commit: str) -> dict | None:

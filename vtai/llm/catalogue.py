@@ -10,13 +10,14 @@ last list read stays (or the built-in one, before the first read).
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
+import re
 import time
 from decimal import Decimal
 
-from vtai.llm import models
+from vtai.llm import models, patterns
 from vtai.llm.models import BUILTIN_MODELS, ModelEntry
+from vtai.plans import audit
 
 log = logging.getLogger(__name__)
 
@@ -116,23 +117,50 @@ class Catalogue:
         return self.entries
 
 
-# `vtai model`: edits, each one statement; bad input is a CatalogueError naming the field.
+# `vtai model` and /admin: edits, each in one transaction with its audit row (vtai.plans.audit);
+# bad input is a CatalogueError naming the field.
+
+# model_weights.weight's check constraint.
+MAX_WEIGHT = 1_000_000
 
 
-def parse_weight(text: str, field: str = "weight") -> float:
+def _non_negative(text: str, field: str, maximum: int | None = None) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
         value = float("nan")
     if not value == value or value < 0 or value == float("inf"):
-        raise CatalogueError(f"{field}: must be a non-negative number, not {text!r}")
+        upto = "" if maximum is None else f" up to {maximum}"
+        raise CatalogueError(f"{field}: must be a non-negative number{upto}, not {text!r}")
+    if maximum is not None and value > maximum:
+        raise CatalogueError(
+            f"{field}: must be a non-negative number up to {maximum}, not {text!r}"
+        )
     return value
+
+
+def parse_weight(text: str, field: str = "weight") -> float:
+    """A weight: a number from 0 (exempt) to 1000000 tokens counted per token."""
+    return _non_negative(text, field, MAX_WEIGHT)
 
 
 def parse_price(text: str | None, field: str) -> float | None:
     if text is None:
         return None
-    return parse_weight(text, field)
+    return _non_negative(text, field)
+
+
+def _entry_json(entry: ModelEntry) -> dict:
+    return {
+        "display_name": entry.display_name,
+        "api_base": entry.api_base,
+        "api_key_env": entry.api_key_env,
+        "provider_key": entry.provider_key,
+        "price_in": entry.price_in,
+        "price_out": entry.price_out,
+        "weight": entry.weight,
+        "enabled": entry.enabled,
+    }
 
 
 async def add(
@@ -144,9 +172,9 @@ async def add(
     price_in: float | None = None,
     price_out: float | None = None,
     weight: float = 1.0,
+    *,
+    actor: str,
 ) -> ModelEntry:
-    import re
-
     reason = models.validate_model_id(model)
     if reason is not None:
         raise CatalogueError(f"NAME: {reason}")
@@ -194,23 +222,35 @@ async def add(
         if weight != 1.0:
             await _set_rule(conn, model, weight)
         row = await conn.fetchrow(f"select {COLUMNS} from public.models where model = $1", model)
-    return entry_of(row)
+        entry = entry_of(row)
+        await audit.record(conn, actor, audit.MODEL_ADD, model, None, _entry_json(entry))
+    return entry
 
 
-async def set_enabled(conn, model: str, enabled: bool) -> None:
-    done = await conn.fetchval(
-        "update public.models set enabled = $2, updated_at = now() where model = $1"
-        " returning model",
-        model,
-        enabled,
-    )
-    if done is None:
-        raise CatalogueError(f"NAME: no model {model!r} in the catalogue (see vtai model list)")
+async def set_enabled(conn, model: str, enabled: bool, *, actor: str) -> bool:
+    """Enable or disable `model`; whether that changed anything (a change is audited)."""
+    async with conn.transaction():
+        was = await conn.fetchval(
+            "select enabled from public.models where model = $1 for update", model
+        )
+        if was is None:
+            raise CatalogueError(f"NAME: no model {model!r} in the catalogue (see vtai model list)")
+        if was == enabled:
+            return False
+        await conn.execute(
+            "update public.models set enabled = $2, updated_at = now() where model = $1",
+            model,
+            enabled,
+        )
+        action = audit.MODEL_ENABLE if enabled else audit.MODEL_DISABLE
+        await audit.record(conn, actor, action, model, {"enabled": was}, {"enabled": enabled})
+    return True
 
 
 def matching(pattern: str, names: list[str]) -> list[str]:
-    """Shell-style, case-sensitive; `*` matches `/` too."""
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    """The names `pattern` matches, as the database's vtai_glob_like() reads it (`*` any
+    characters, `/` too; `?` one; `[` and the rest themselves; case-sensitive)."""
+    return [n for n in names if patterns.matches(pattern, n)]
 
 
 async def _set_rule(conn, pattern: str, weight: float) -> None:
@@ -222,11 +262,47 @@ async def _set_rule(conn, pattern: str, weight: float) -> None:
     )
 
 
-async def set_weight(conn, pattern: str, weight: float) -> list[str]:
+def _weight_json(value) -> float | None:
+    return None if value is None else float(value)
+
+
+async def set_weight(conn, pattern: str, weight: float, *, actor: str) -> list[str]:
     """Set the weight rule for `pattern` (a model name or a shell-style pattern); it applies
     to models added later too. Returns the catalogued models it matches (none: a warning)."""
     if not pattern or len(pattern) > 200:
         raise CatalogueError("PATTERN: must be 1 to 200 characters")
-    names = [r["model"] for r in await conn.fetch("select model from public.models")]
-    await _set_rule(conn, pattern, weight)
+    if any(c.isspace() or not c.isprintable() for c in pattern):
+        raise CatalogueError(f"PATTERN: {pattern!r} has a space or a control character in it")
+    async with conn.transaction():
+        names = [r["model"] for r in await conn.fetch("select model from public.models")]
+        was = await conn.fetchval(
+            "select weight from public.model_weights where pattern = $1 for update", pattern
+        )
+        if was is None or float(was) != weight:
+            await _set_rule(conn, pattern, weight)
+            await audit.record(
+                conn,
+                actor,
+                audit.MODEL_WEIGHT,
+                pattern,
+                None if was is None else {"weight": _weight_json(was)},
+                {"weight": weight},
+            )
     return sorted(matching(pattern, names))
+
+
+async def weight_rules(conn) -> list[dict]:
+    """Every weight rule, with the catalogued models its pattern matches."""
+    rules = await conn.fetch(
+        "select pattern, weight, updated_at from public.model_weights order by pattern"
+    )
+    names = [r["model"] for r in await conn.fetch("select model from public.models")]
+    return [
+        {
+            "pattern": r["pattern"],
+            "weight": float(r["weight"]),
+            "updated_at": r["updated_at"].isoformat(),
+            "matches": sorted(matching(r["pattern"], names)),
+        }
+        for r in rules
+    ]

@@ -112,7 +112,8 @@ declare
   v_counter usage_counters%rowtype;
   v_daily daily_counters%rowtype;
   v_weight numeric;
-  v_room bigint;
+  -- numeric: a tiny weight or price makes the room bigger than a bigint
+  v_room numeric;
   v_completion bigint := p_max_completion;
   v_reason text;
   v_resets timestamptz := v_end;
@@ -196,6 +197,13 @@ begin
     where c.end_user = p_user and c.period_start = v_start;
   end if;
 
+  -- A turn whose clock is behind the minute another turn already opened (its transaction
+  -- began first, but took the lock second) counts in that minute: moving the window back
+  -- would restart its count, and the rate could be exceeded at every minute's boundary.
+  if v_counter.minute_start > v_minute then
+    v_minute := v_counter.minute_start;
+  end if;
+
   -- 1. The model.
   if not vtai_model_allowed(v_plan.models, p_model) then
     v_reason := 'model_not_allowed';
@@ -217,6 +225,11 @@ begin
         v_reason := 'quota_exhausted';
       else
         v_room := floor(v_left / v_weight);
+        -- The quotient is rounded to the scale Postgres picks, so with a weight of many
+        -- decimals it can round up to the next whole number: one token less then.
+        if ceil(v_room * v_weight) > v_left then
+          v_room := v_room - 1;
+        end if;
         if v_room <= p_prompt_tokens then
           v_reason := 'prompt_exceeds_quota';
         else
@@ -242,6 +255,9 @@ begin
         v_resets := v_day + interval '1 day';
       else
         v_room := floor(v_dleft / v_weight);
+        if ceil(v_room * v_weight) > v_dleft then
+          v_room := v_room - 1;
+        end if;
         if v_room <= p_prompt_tokens then
           v_reason := 'prompt_exceeds_daily';
           v_resets := v_day + interval '1 day';
@@ -260,8 +276,11 @@ begin
       elsif p_prompt_tokens * p_price_in + p_price_out + c_cent_slack > v_uleft then
         v_reason := 'prompt_exceeds_usd';
       elsif p_price_out > 0 then
-        v_completion := least(v_completion, floor(
-          (v_uleft - p_prompt_tokens * p_price_in - c_cent_slack) / p_price_out));
+        v_room := floor((v_uleft - p_prompt_tokens * p_price_in - c_cent_slack) / p_price_out);
+        if p_prompt_tokens * p_price_in + v_room * p_price_out + c_cent_slack > v_uleft then
+          v_room := v_room - 1;  -- the quotient rounded up, as for tokens
+        end if;
+        v_completion := least(v_completion, v_room);
       end if;
     end if;
   end if;
@@ -425,8 +444,12 @@ begin
     select m.end_user, m.day, sum(m.used)::bigint as used, sum(m.freed)::bigint as freed
     from day_moves m group by m.end_user, m.day
   ), days as (
+    -- Day counters after the period counters: Postgres runs unread data-modifying CTEs in no
+    -- promised order (in fact the last first), so reading `counted` here makes the period
+    -- counters' locks come first, as in vtai_reserve(); the other order deadlocks with it.
     insert into daily_counters as d (end_user, day_start, used)
     select p.end_user, p.day, p.used from per_day p
+    where (select count(*) from counted) >= 0
     order by p.end_user, p.day
     on conflict (end_user, day_start) do update
     set used = d.used + excluded.used,
@@ -478,11 +501,14 @@ as $$
         cost_reserved = greatest(c.cost_reserved - rel.cost, 0), updated_at = now()
     from released rel
     where c.end_user = rel.end_user and c.period_start = rel.period_start
+    returning 1
   ), day_moved as (
+    -- After the period counter (reading `moved` runs it first), as in vtai_reserve().
     update daily_counters d
     set reserved = greatest(d.reserved - rel.amount, 0), updated_at = now()
     from released rel
     where d.end_user = rel.end_user and d.day_start = rel.day_start and rel.amount > 0
+      and (select count(*) from moved) >= 0
   )
   select exists (select 1 from released)
 $$;
