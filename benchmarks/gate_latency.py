@@ -11,6 +11,7 @@ plain insert; it runs here on the same database, in the same run, for the ratio.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import time
@@ -31,10 +32,16 @@ from vtai.metering.spool import Spool  # noqa: E402
 from vtai.settings import Settings  # noqa: E402
 
 PROMPT, COMPLETION = 120, 180
+# What the app passes the gate for this model (vtai.llm.tokens.prices: LiteLLM's map, USD per
+# prompt and completion token), written here to keep LiteLLM's import out of the benchmark.
+MODEL = "gpt-4o-mini"
+PRICES = (0.15e-6, 0.6e-6)
+COST = PROMPT * PRICES[0] + COMPLETION * PRICES[1]
 COPY_BATCH = 100_000
 COLUMNS = [
     "litellm_call_id", "created_at", "end_user", "session_id", "model", "status",
-    "prompt_tokens", "completion_tokens", "total_tokens", "period_start",
+    "prompt_tokens", "completion_tokens", "total_tokens", "total_cost", "period_start",
+    "weight", "counted_tokens", "day_start",
 ]  # fmt: skip
 
 
@@ -42,12 +49,19 @@ def month_start(now: datetime) -> datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
+def day_start(at: datetime) -> datetime:
+    return at.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 async def preload(conn: asyncpg.Connection, user: uuid.UUID, target: int) -> int:
-    """COPY history rows for `user` up to `target`, all in this period; counters kept exact."""
+    """COPY history rows for `user` up to `target`, all in this period, shaped as the settle
+    writes them (cost, weight, counted tokens, day); every counter kept exact."""
     have = await conn.fetchval("select count(*) from request_logs where end_user = $1", user)
     now = datetime.now(UTC)
     start = month_start(now)
     span = max((now - start).total_seconds() - 60, 1)
+    weight = await conn.fetchval("select vtai_model_weight($1)", MODEL)
+    counted = math.ceil((PROMPT + COMPLETION) * weight)
     todo = target - have
     done = 0
     # Bulk load as the aggregates migration prescribes: triggers off (replica role, needs a
@@ -55,39 +69,62 @@ async def preload(conn: asyncpg.Connection, user: uuid.UUID, target: int) -> int
     await conn.execute("set session_replication_role = replica")
     while done < todo:
         n = min(COPY_BATCH, todo - done)
-        records = [
-            (
-                f"hist-{uuid.uuid4()}",
-                start + timedelta(seconds=span * (done + i) / max(todo, 1)),
-                user,
-                "chat-hist",
-                "gpt-4o-mini",
-                "success",
-                PROMPT,
-                COMPLETION,
-                PROMPT + COMPLETION,
-                start,
+        records = []
+        for i in range(n):
+            at = start + timedelta(seconds=span * (done + i) / max(todo, 1))
+            records.append(
+                (
+                    f"hist-{uuid.uuid4()}",
+                    at,
+                    user,
+                    "chat-hist",
+                    MODEL,
+                    "success",
+                    PROMPT,
+                    COMPLETION,
+                    PROMPT + COMPLETION,
+                    COST,
+                    start,
+                    weight,
+                    counted,
+                    day_start(at),
+                )
             )
-            for i in range(n)
-        ]
         await conn.copy_records_to_table("request_logs", records=records, columns=COLUMNS)
         done += n
     await conn.execute("reset session_replication_role")
     if await conn.fetchval("select to_regproc('public.vtai_backfill_aggregates') is not null"):
         await conn.execute("select vtai_backfill_aggregates($1, now())", start)
-    await conn.execute(
-        "update usage_counters c set used = (select coalesce(sum(total_tokens), 0)"
-        " from request_logs r where r.end_user = c.end_user and r.period_start = c.period_start)"
-        " where c.end_user = $1",
-        user,
-    )
+    await rebuild_counters(conn, user)
     # Fair to the seed design: fresh statistics and visibility map, no checkpoint mid-run.
-    await conn.execute("vacuum analyze request_logs")
+    await conn.execute("vacuum analyze")
     await conn.execute("checkpoint")
     # And the kernel's writeback of all that done, so the load's I/O doesn't slow the
     # measured turns' WAL flushes.
     await asyncio.to_thread(os.sync)
     return target
+
+
+async def rebuild_counters(conn: asyncpg.Connection, user: uuid.UUID) -> None:
+    """The user's period and day counters from the ledger, as the settles would have left
+    them (rows as `vtai_verify_counters` counts them; the seed design's rows carry no day)."""
+    await conn.execute(
+        "insert into usage_counters as c (end_user, period_start, used, used_raw, cost_used)"
+        " select end_user, period_start, sum(coalesce(counted_tokens, total_tokens)),"
+        " sum(total_tokens), sum(case when coalesce(weight, 1) > 0 then total_cost else 0 end)"
+        " from request_logs where end_user = $1 group by end_user, period_start"
+        " on conflict (end_user, period_start) do update set used = excluded.used,"
+        " used_raw = excluded.used_raw, cost_used = excluded.cost_used",
+        user,
+    )
+    await conn.execute(
+        "insert into daily_counters as d (end_user, day_start, used)"
+        " select end_user, day_start, sum(counted_tokens) from request_logs"
+        " where end_user = $1 and counted_tokens > 0 and day_start is not null"
+        " group by end_user, day_start"
+        " on conflict (end_user, day_start) do update set used = excluded.used",
+        user,
+    )
 
 
 def settle_row(user: uuid.UUID, grant) -> dict:
@@ -96,16 +133,17 @@ def settle_row(user: uuid.UUID, grant) -> dict:
         "created_at": datetime.now(UTC).isoformat(),
         "end_user": str(user),
         "session_id": "chat-bench",
-        "model": "gpt-4o-mini",
+        "model": MODEL,
         "status": "success",
         "reservation_id": str(grant.reservation_id),
         "period_start": grant.period_start.isoformat(),
         "prompt_tokens": PROMPT,
         "completion_tokens": COMPLETION,
         "total_tokens": PROMPT + COMPLETION,
+        "total_cost": COST,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "response": "Paris.",
-        "additional_details": {"tier": common.BENCH_TIER, "max_tokens": 512},
+        "additional_details": {"tier": grant.tier, "max_tokens": 512},
     }
 
 
@@ -113,7 +151,7 @@ async def metered(gate: Gate, ledger: Ledger, user: uuid.UUID, turns: int, warmu
     reserve, settle = [], []
     for i in range(warmup + turns):
         t0 = time.perf_counter()
-        grant = await gate.reserve(user, PROMPT, 512)
+        grant = await gate.reserve(user, PROMPT, 512, model=MODEL, prices=PRICES)
         t1 = time.perf_counter()
         assert grant.granted, grant
         assert await ledger.write(settle_row(user, grant))
@@ -235,9 +273,7 @@ async def bench(
                         ]
                     )
                 data["ledger_rows"] = await conn.fetchval("select count(*) from request_logs")
-                data["reserved"] = await conn.fetchval(
-                    "select sum(reserved) from usage_counters where end_user = $1", user
-                )
+                data["reserved"] = await reserved(conn, user)
                 data["counters_exact"] = await common.counters_exact(conn)
             finally:
                 await conn.close()
@@ -245,6 +281,15 @@ async def bench(
             await fast_db.close()
             await db.close()
     return section(sizes, turns, seed_turns, rows, data)
+
+
+async def reserved(conn: asyncpg.Connection, user: uuid.UUID) -> int:
+    """Tokens the user's period and day counters still hold reserved (0 once all settled)."""
+    return await conn.fetchval(
+        "select coalesce((select sum(reserved) from usage_counters where end_user = $1), 0)"
+        " + coalesce((select sum(reserved) from daily_counters where end_user = $1), 0)",
+        user,
+    )
 
 
 def times(ratio: float) -> str:

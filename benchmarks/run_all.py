@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {
     "gate_latency": ["--sizes", "1000,100000,1000000", "--turns", "2000", "--seed-turns", "100"],
+    "gate_rules": ["--rows", "1000000", "--turns", "2000", "--rounds", "4"],
     "turn_overhead": ["--levels", "1@25,50@5,200@20,50@25", "--turns", "500"],
     "ingest": ["--rows", "20000", "--batch-rows", "100000"],
     "processes": ["--processes", "4", "--users", "200", "--seconds", "30"],
@@ -40,6 +41,7 @@ FULL = {
 }
 QUICK = {
     "gate_latency": ["--sizes", "1000,10000", "--turns", "300", "--seed-turns", "30"],
+    "gate_rules": ["--rows", "10000", "--turns", "300", "--rounds", "2"],
     "turn_overhead": ["--levels", "1@25,50@25", "--turns", "200"],
     "ingest": ["--rows", "2000", "--batch-rows", "10000"],
     "processes": ["--processes", "4", "--users", "40", "--seconds", "5"],

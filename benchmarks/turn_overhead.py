@@ -40,6 +40,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.common import ms, pct  # noqa: E402
 from vtai.db.connection import Database  # noqa: E402
 from vtai.llm import stream_end as litellm_stream_end  # noqa: E402
+from vtai.llm import tokens  # noqa: E402
 from vtai.metering.ahead import NextTurn  # noqa: E402
 from vtai.metering.gate import Gate  # noqa: E402
 from vtai.metering.turn import TurnRequest, TurnRunner  # noqa: E402
@@ -149,9 +150,11 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
             metadata={"vtai": {"user_id": str(user), "tier": "bench"}},
         )()
 
+    prices = tokens.prices(MODEL)  # as the app passes them, looked up once
+
     def reserve(gate: Gate):
         async def run() -> None:
-            await gate.reserve(user, 40, 512)
+            await gate.reserve(user, 40, 512, model=MODEL, prices=prices)
 
         return run
 
@@ -192,7 +195,10 @@ async def breakdown(services: Services, fast_gate: Gate, user: uuid.UUID, reps: 
     # The reservations above are never settled: give their quota back.
     await services.db.pool.execute("delete from reservations where end_user = $1", user)
     await services.db.pool.execute(
-        "update usage_counters set reserved = 0 where end_user = $1", user
+        "update usage_counters set reserved = 0, cost_reserved = 0 where end_user = $1", user
+    )
+    await services.db.pool.execute(
+        "update daily_counters set reserved = 0 where end_user = $1", user
     )
     return {
         "count_prompt": m["count_prompt"],

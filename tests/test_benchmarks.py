@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from benchmarks import common, gate_latency, ingest, memory, processes, turn_overhead
+from benchmarks import common, gate_latency, gate_rules, ingest, memory, processes, turn_overhead
 
 
 @pytest.fixture
@@ -23,6 +23,25 @@ async def test_gate_latency(bench_db):
     assert s.data["ledger_rows"] == 200 + 2 * 22 + 7
     assert s.data["counters_exact"] and s.data["reserved"] == 0
     assert "| history rows |" in s.markdown()
+
+
+async def test_gate_rules(bench_db):
+    s = await gate_rules.bench(bench_db, rows=100, turns=8, rounds=2, warmup=2)
+    d = s.data
+    assert set(d["configs"]) == {"off/durable", "on/durable", "off/fast", "on/fast"}
+    assert all(c["turns"] == 8 for c in d["configs"].values())
+    # preload, then per round and table row its warm-up turns (2 in the first round) + 4
+    blocks = len(gate_rules.CONFIGS)
+    assert d["ledger_rows"] == 100 + blocks * (2 + 4) + blocks * (gate_rules.BLOCK_WARMUP + 4)
+    # The rules ran: the grant names the capped tier and the model's pattern weight.
+    on, off = d["grants"]["on"], d["grants"]["off"]
+    assert on["tier"] == gate_rules.RULES_TIER and on["weight"] == 0.5
+    assert on["daily_limit"] and on["usd_limit"] and on["rpm"]
+    assert off["weight"] == 1 and off["daily_limit"] is None and off["rpm"] is None
+    assert d["daily_rows"] >= 1 and d["counters_exact"]
+    assert d["reserved"] == 0 and d["cost_reserved"] == 0 and d["reservations"] == 0
+    assert d["server"]["off"]["calls"] == d["server"]["on"]["calls"] == 8
+    assert "| rules | commit |" in s.markdown()
 
 
 async def test_turn_overhead(bench_db):

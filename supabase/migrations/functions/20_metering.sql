@@ -26,36 +26,42 @@ drop function if exists public.vtai_usage(uuid, text, timestamptz);
 drop function if exists public.vtai_verify_counters();
 
 -- A shell-style pattern as a LIKE pattern: * any characters (/ included), ? one character.
+-- No `set search_path` (every name is qualified instead): with one, Postgres can't inline the
+-- function and calls it once per rule, which was most of the plan checks' cost
+-- (docs/performance.md, "The reserve with every rule on").
 create or replace function public.vtai_glob_like(p_pattern text)
 returns text
 language sql immutable
-set search_path = pg_catalog
 as $$
-  select replace(replace(replace(replace(replace(
-    p_pattern, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_')
+  select pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+    pg_catalog.replace(p_pattern, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_')
 $$;
 
--- The weight of a model: the exact name's rule, else the longest matching pattern's, else 1.
+-- The weight of a model: the exact name's rule (a primary-key lookup), else the longest
+-- matching pattern's, else 1. Called only by the money functions (security definer, their own
+-- search_path), so it needs neither: without them Postgres inlines it.
 create or replace function public.vtai_model_weight(p_model text)
 returns numeric
 language sql stable
-security definer
-set search_path = public, pg_temp
 as $$
-  select coalesce((
-    select w.weight from model_weights w
-    where coalesce(p_model, '') like vtai_glob_like(w.pattern)
-    order by (w.pattern ~ '[*?]'), length(w.pattern) desc, w.pattern
-    limit 1), 1)
+  select coalesce(
+    (select w.weight from public.model_weights w where w.pattern = coalesce(p_model, '')),
+    (select w.weight from public.model_weights w
+     where w.pattern operator(pg_catalog.~) '[*?]'
+       and coalesce(p_model, '') like public.vtai_glob_like(w.pattern)
+     order by pg_catalog.length(w.pattern) desc, w.pattern
+     limit 1),
+    1)
 $$;
 
+-- Inlined into its caller like vtai_glob_like (no `set search_path`).
 create or replace function public.vtai_model_allowed(p_patterns text[], p_model text)
 returns boolean
 language sql immutable
-set search_path = public, pg_temp
 as $$
-  select exists (
-    select 1 from unnest(p_patterns) p where coalesce(p_model, '') like vtai_glob_like(p)
+  select '*' = any (p_patterns) or exists (
+    select 1 from pg_catalog.unnest(p_patterns) p
+    where coalesce(p_model, '') like public.vtai_glob_like(p)
   )
 $$;
 
@@ -103,8 +109,12 @@ set search_path = public, pg_temp
 as $$
 #variable_conflict use_column
 declare
-  v_plan tiers%rowtype;
   v_tier text;
+  v_token_limit bigint;
+  v_daily_limit bigint;
+  v_usd_limit numeric;
+  v_rpm integer;
+  v_allowed boolean;
   v_start timestamptz := vtai_period_start(p_period, p_now);
   v_end timestamptz := vtai_period_end(p_period, v_start);
   v_day timestamptz := vtai_period_start('day', p_now);
@@ -138,15 +148,17 @@ begin
     raise exception 'bad prices' using errcode = '22023';
   end if;
 
-  select t.* into v_plan from profiles p join tiers t on t.name = p.tier where p.id = p_user;
+  -- The plan, the model's place in it and its weight, in one statement.
+  select t.name, t.token_limit, t.daily_limit, t.usd_limit, t.rpm,
+         vtai_model_allowed(t.models, p_model), vtai_model_weight(p_model)
+  into v_tier, v_token_limit, v_daily_limit, v_usd_limit, v_rpm, v_allowed, v_weight
+  from profiles p join tiers t on t.name = p.tier where p.id = p_user;
   if not found then
     return query select false, 'unknown_user', null::uuid, 0, null::text, null::bigint,
       0::bigint, 0::bigint, v_start, v_end, null::numeric, null::bigint, 0::bigint,
       null::numeric, 0::numeric, null::integer, null::bigint;
     return;
   end if;
-  v_tier := v_plan.name;
-  v_weight := vtai_model_weight(p_model);
 
   -- Every reserve and settle for this user and period queues here.
   select * into v_counter from usage_counters c
@@ -205,22 +217,22 @@ begin
   end if;
 
   -- 1. The model.
-  if not vtai_model_allowed(v_plan.models, p_model) then
+  if not v_allowed then
     v_reason := 'model_not_allowed';
   -- 2. The request rate: every model, exempt ones too.
-  elsif v_plan.rpm is not null and p_ahead then
+  elsif v_rpm is not null and p_ahead then
     v_reason := 'not_ahead';
-  elsif v_plan.rpm is not null and v_counter.minute_start = v_minute
-        and v_counter.minute_requests >= v_plan.rpm then
+  elsif v_rpm is not null and v_counter.minute_start = v_minute
+        and v_counter.minute_requests >= v_rpm then
     v_reason := 'rate_limited';
     v_resets := v_minute + interval '1 minute';
-  elsif v_plan.rpm = 0 then
+  elsif v_rpm = 0 then
     v_reason := 'rate_limited';
     v_resets := v_minute + interval '1 minute';
   elsif v_weight > 0 then
     -- 3. Tokens for the period, in counted tokens; v_room is raw tokens of prompt + answer.
-    if v_plan.token_limit is not null then
-      v_left := v_plan.token_limit - v_counter.used - v_counter.reserved;
+    if v_token_limit is not null then
+      v_left := v_token_limit - v_counter.used - v_counter.reserved;
       if v_left <= 0 then
         v_reason := 'quota_exhausted';
       else
@@ -238,7 +250,7 @@ begin
       end if;
     end if;
     -- 4. Tokens today.
-    if v_reason is null and v_plan.daily_limit is not null then
+    if v_reason is null and v_daily_limit is not null then
       select * into v_daily from daily_counters d
       where d.end_user = p_user and d.day_start = v_day
       for update;
@@ -249,7 +261,7 @@ begin
         where d.end_user = p_user and d.day_start = v_day
         for update;
       end if;
-      v_dleft := v_plan.daily_limit - v_daily.used - v_daily.reserved;
+      v_dleft := v_daily_limit - v_daily.used - v_daily.reserved;
       if v_dleft <= 0 then
         v_reason := 'daily_exhausted';
         v_resets := v_day + interval '1 day';
@@ -267,8 +279,8 @@ begin
       end if;
     end if;
     -- 5. Dollars for the period, at the model's prices.
-    if v_reason is null and v_plan.usd_limit is not null then
-      v_uleft := v_plan.usd_limit - v_counter.cost_used - v_counter.cost_reserved;
+    if v_reason is null and v_usd_limit is not null then
+      v_uleft := v_usd_limit - v_counter.cost_used - v_counter.cost_reserved;
       if p_price_in is null or p_price_out is null then
         v_reason := 'price_unknown';
       elsif v_uleft <= 0 then
@@ -286,9 +298,9 @@ begin
   end if;
 
   if v_reason is not null then
-    return query select false, v_reason, null::uuid, 0, v_tier, v_plan.token_limit,
-      v_counter.used, v_counter.reserved, v_start, v_resets, v_weight, v_plan.daily_limit,
-      coalesce(v_daily.used, 0::bigint), v_plan.usd_limit, v_counter.cost_used, v_plan.rpm,
+    return query select false, v_reason, null::uuid, 0, v_tier, v_token_limit,
+      v_counter.used, v_counter.reserved, v_start, v_resets, v_weight, v_daily_limit,
+      coalesce(v_daily.used, 0::bigint), v_usd_limit, v_counter.cost_used, v_rpm,
       null::bigint;
     return;
   end if;
@@ -301,9 +313,11 @@ begin
     v_amount := 0;
   end if;
 
+  -- Days are counted only under a daily cap (day_start null otherwise): one upsert less.
   insert into reservations (end_user, period_start, day_start, amount, cost, weight, created_at,
                             expires_at)
-  values (p_user, v_start, v_day, v_amount, v_cost, v_weight, p_now,
+  values (p_user, v_start, case when v_daily_limit is not null then v_day end, v_amount, v_cost,
+          v_weight, p_now,
           p_now + make_interval(secs => p_ttl_seconds))
   returning id into v_id;
 
@@ -316,7 +330,7 @@ begin
   where c.end_user = p_user and c.period_start = v_start
   returning c.used, c.reserved into v_counter.used, v_counter.reserved;
 
-  if v_amount > 0 then
+  if v_amount > 0 and v_daily_limit is not null then
     insert into daily_counters as d (end_user, day_start, reserved)
     values (p_user, v_day, v_amount)
     on conflict (end_user, day_start) do update
@@ -326,13 +340,13 @@ begin
 
   -- What is left under the tightest token cap after this reservation, in counted tokens.
   if v_weight > 0 then
-    v_remaining := least(v_plan.token_limit - v_counter.used - v_counter.reserved,
+    v_remaining := least(v_token_limit - v_counter.used - v_counter.reserved,
                          v_dleft - v_amount);
   end if;
 
-  return query select true, 'granted', v_id, v_completion::integer, v_tier, v_plan.token_limit,
-    v_counter.used, v_counter.reserved, v_start, v_end, v_weight, v_plan.daily_limit,
-    coalesce(v_daily.used, 0::bigint), v_plan.usd_limit, v_counter.cost_used, v_plan.rpm,
+  return query select true, 'granted', v_id, v_completion::integer, v_tier, v_token_limit,
+    v_counter.used, v_counter.reserved, v_start, v_end, v_weight, v_daily_limit,
+    coalesce(v_daily.used, 0::bigint), v_usd_limit, v_counter.cost_used, v_rpm,
     v_remaining;
 end
 $$;
@@ -373,7 +387,12 @@ begin
            -- period boundary settles where it was granted
            coalesce(res.period_start, (i.r ->> 'period_start')::timestamptz,
                     vtai_period_start(p_period, i.created)) as start,
-           coalesce(res.day_start, vtai_period_start('day', i.created)) as day,
+           -- the day the reservation counted on; for a row without one (the gate was open),
+           -- today if the user's tier has a daily cap; else none: days count only under one
+           case when res.id is not null then res.day_start
+                when (select t.daily_limit from profiles p join tiers t on t.name = p.tier
+                      where p.id = i.end_user) is not null
+                  then vtai_period_start('day', i.created) end as day,
            coalesce(res.weight, vtai_model_weight(i.r ->> 'model')) as weight,
            greatest(coalesce((i.r ->> 'total_tokens')::integer, i.prompt + i.completion), 0)
              as total,
@@ -436,7 +455,7 @@ begin
     returning 1
   ), day_moves as (
     select s.end_user, s.day, s.counted_tokens as used, 0::bigint as freed
-    from settled s where s.counted_tokens > 0
+    from settled s where s.counted_tokens > 0 and s.day is not null
     union all
     select r.end_user, r.held_day, 0, r.amount from released r
     where r.held_day is not null and r.amount > 0
