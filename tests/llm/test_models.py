@@ -82,6 +82,12 @@ async def test_catalogue_is_cached_and_read_again_when_due(db_url, conn):
         cat.refresh_after = 0
         await cat.fresh()
         assert not cat.get("gpt-4o").enabled
+        # A change heard from the database (vtai.metering.plan_watch) expires the copy at once.
+        cat.refresh_after = 3600
+        await conn.execute("update models set enabled = true where model = 'gpt-4o'")
+        cat.expire()
+        await cat.fresh()
+        assert cat.get("gpt-4o").enabled
     finally:
         await pool.close()
 

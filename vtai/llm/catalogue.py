@@ -78,6 +78,10 @@ class Catalogue:
                 "the built-in list"
             )
 
+    def expire(self) -> None:
+        """The catalogue changed (vtai.metering.plan_watch): the next turn reads it again."""
+        self._read_at = None
+
     def get(self, model: str) -> ModelEntry | None:
         return self._by_model.get(model)
 

@@ -251,6 +251,8 @@ class TurnRunner:
         goes back, so each next turn is reserved under the plan as it is now."""
         for holder in list(self._holders):
             holder.drop()
+        if self.catalogue is not None:
+            self.catalogue.expire()
 
     async def release_ahead(self) -> None:
         """At shutdown: the open chats' reservations go back now, not at their TTL."""
