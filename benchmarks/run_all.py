@@ -4,8 +4,11 @@ to docs/performance.md.
     python benchmarks/run_all.py                      # full sizes, embedded PostgreSQL
     python benchmarks/run_all.py --server-url postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/run_all.py --quick --out /tmp/perf.md    # tiny sizes, minutes
+    python benchmarks/run_all.py --only api_vs_proxy --merge   # re-run one, keep the rest
 
 `--server-url` is a server where this may create and drop databases (as a superuser).
+`--merge` replaces only the sections it ran (and their rows in the Targets table) in the
+existing document. api_vs_proxy needs LiteLLM's proxy venv: `make bench-proxy-venv`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ FULL = {
     "gate_latency": ["--sizes", "1000,100000,1000000", "--turns", "2000", "--seed-turns", "100"],
     "gate_rules": ["--rows", "1000000", "--turns", "2000", "--rounds", "4"],
     "turn_overhead": ["--levels", "1@25,50@5,200@20,50@25", "--turns", "500"],
+    "api_vs_proxy": ["--levels=0@0,0@2,10@2", "--requests=300", "--clients=16", "--seconds=15"],
     "ingest": ["--rows", "20000", "--batch-rows", "100000"],
     "processes": ["--processes", "4", "--users", "200", "--seconds", "30"],
     "memory": ["--sessions", "200"],
@@ -43,6 +47,7 @@ QUICK = {
     "gate_latency": ["--sizes", "1000,10000", "--turns", "300", "--seed-turns", "30"],
     "gate_rules": ["--rows", "10000", "--turns", "300", "--rounds", "2"],
     "turn_overhead": ["--levels", "1@25,50@25", "--turns", "200"],
+    "api_vs_proxy": ["--quick"],
     "ingest": ["--rows", "2000", "--batch-rows", "10000"],
     "processes": ["--processes", "4", "--users", "40", "--seconds", "5"],
     "memory": ["--sessions", "10"],
@@ -124,14 +129,53 @@ def document(facts: dict, command: str, sections: list[tuple[common.Section, str
             "| section | target | goal | measured | met |",
             "|---|---|---|---|---|",
         ]
-        for title, t in targets:
-            out.append(f"| {title} | {t.what} | {t.target} | {t.measured} | "
-                       + ("yes" if t.met else "**no**") + " |")  # fmt: skip
+        out += [target_row(title, t) for title, t in targets]
         out.append("")
     for section, load in sections:
         out += [section.markdown(), f"_{load}._", ""]
     out.append(DESIGN)
     return "\n".join(out)
+
+
+def merge(old: str, command: str, sections: list[tuple[common.Section, str]]) -> str:
+    """`old` with these sections replaced (or added before the design notes) and their rows in
+    the Targets table replaced; everything else as it was."""
+    blocks: list[list[str]] = [[]]
+    for line in old.splitlines():
+        if line.startswith("## "):
+            blocks.append([])
+        blocks[-1].append(line)
+    titles = [b[0] if b and b[0].startswith("## ") else "" for b in blocks]
+    design = DESIGN.splitlines()[0]
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    for section, load in sections:
+        new = [*section.markdown().splitlines(), "", f"_{load}; merged in {when} by `{command}`._"]
+        new.append("")
+        heading = f"## {section.title}"
+        if heading in titles:
+            blocks[titles.index(heading)] = new
+        else:
+            at = titles.index(design) if design in titles else len(blocks)
+            blocks.insert(at, new)
+            titles.insert(at, heading)
+    if "## Targets" in titles:
+        table = blocks[titles.index("## Targets")]
+        ran = {s.title for s, _ in sections}
+        kept = [row for row in table if not any(row.startswith(f"| {t} |") for t in ran)]
+        while kept and not kept[-1].strip():
+            kept.pop()
+        for section, _ in sections:
+            kept += [target_row(section.title, t) for t in section.targets]
+        blocks[titles.index("## Targets")] = [*kept, ""]
+    return "\n".join(line for block in blocks for line in block).rstrip("\n") + "\n"
+
+
+def target_row(title: str, t: common.Target) -> str:
+    return (
+        f"| {title} | {t.what} | {t.target} | {t.measured} | "
+        + ("yes" if t.met else "**no**")
+        + " |"
+    )
 
 
 DESIGN = """## What makes the meter fast, and what it costs
@@ -190,6 +234,11 @@ async def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts run")
     p.add_argument("--only", help="comma-separated benchmark names")
     p.add_argument("--out", type=Path, default=common.ROOT / "docs" / "performance.md")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the sections run (with --only) in the existing --out document",
+    )
     args = p.parse_args()
     plan = QUICK if args.quick else FULL
     names = args.only.split(",") if args.only else list(plan)
@@ -207,7 +256,10 @@ async def main() -> None:
                 facts = await common.machine(server.url)
             finally:
                 await asyncio.to_thread(server.stop)
-    args.out.write_text(document(facts, command, sections))
+    if args.merge and args.out.exists():
+        args.out.write_text(merge(args.out.read_text(), command, sections))
+    else:
+        args.out.write_text(document(facts, command, sections))
     print(f"wrote {args.out}")
 
 

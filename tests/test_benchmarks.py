@@ -6,7 +6,18 @@ import argparse
 
 import pytest
 
-from benchmarks import common, gate_latency, gate_rules, ingest, memory, processes, turn_overhead
+from benchmarks import (
+    api_vs_proxy,
+    common,
+    gate_latency,
+    gate_rules,
+    ingest,
+    memory,
+    mock_provider,
+    processes,
+    run_all,
+    turn_overhead,
+)
 
 
 @pytest.fixture
@@ -97,3 +108,96 @@ def test_turn_overhead_levels_are_parsed_or_refused_in_one_line():
     for bad in ("50", "x@5", "50@0", "0@5"):
         with pytest.raises(argparse.ArgumentTypeError, match="USERS@TURNS_PER_SECOND"):
             turn_overhead.parse_levels(bad)
+
+
+@pytest.mark.slow
+async def test_api_vs_proxy_on_the_vtai_side(bench_db):
+    """The real app's /v1 and the mock provider, each in its own process, driven as the full
+    run drives them; LiteLLM's proxy (its own venv, `make bench-proxy-venv`) is left out."""
+    levels = [(0.0, 0.0), (50.0, 1.0)]
+    s = await api_vs_proxy.bench(
+        bench_db, levels, requests=6, clients=3, seconds=1.0, chunks=5, rounds=2, warmup=2,
+        vtai_only=True,
+    )  # fmt: skip
+    d = s.data
+    assert d["errors"] == 0, s.notes[-1]
+    assert list(d["levels"]) == [
+        "one at a time, tokens back to back",
+        "50 req/s, a token every 1 ms",
+    ]
+    for level in d["levels"].values():
+        assert set(level) == {"direct", "vtai"}
+        assert level["direct"]["requests"] == level["vtai"]["requests"] == 6
+        assert 0 < level["vtai"]["first_p50"] <= level["vtai"]["last_p50"]
+        assert level["vtai"]["cpu_per_request"] > 0
+    assert d["saturation"]["vtai"]["requests"] > 0 and d["saturation"]["direct"]["requests"] > 0
+    # Every /v1 request was metered: one ledger row each, counters exact, nothing held.
+    assert d["vtai_rows"] == d["vtai_requests"] == d["vtai_rows_by_source"]["api"]
+    assert d["counters_exact"] and d["reserved"] == 0
+    assert d["proxy_unavailable"] == "not run (--vtai-only)" and not s.targets
+    assert "| one at a time, tokens back to back | VT.ai /v1 |" in s.markdown()
+    assert s.command.endswith("--vtai-only")
+
+
+def test_api_vs_proxy_levels_are_parsed_or_refused_in_one_line():
+    assert api_vs_proxy.parse_levels("0@0, 10@2,5") == [(0.0, 0.0), (10.0, 2.0), (5.0, 0.0)]
+    for bad in ("x@1", "-1@0", "1@-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="RATE@GAP_MS"):
+            api_vs_proxy.parse_levels(bad)
+
+
+def test_the_mock_takes_its_pause_between_tokens_from_the_prompt():
+    tagged = {"messages": [{"role": "user", "content": "hi (abc [gap 2.5])"}]}
+    assert mock_provider.gap_of(tagged, 0.0) == 0.0025
+    assert mock_provider.gap_of({"messages": [{"role": "user", "content": "hi"}]}, 0.1) == 0.1
+    assert "".join(mock_provider.answer(3)) == "Sure w1 w2"
+
+
+def test_api_vs_proxy_targets_compare_what_each_side_adds_over_direct():
+    def block(first: float, last: float) -> api_vs_proxy.Block:
+        return api_vs_proxy.Block(first=[first] * 10, last=[last] * 10, seconds=1.0, cpu=0.1)
+
+    levels = {"one at a time, tokens back to back": {
+        "direct": block(0.001, 0.002), "proxy": block(0.011, 0.022), "vtai": block(0.006, 0.032),
+    }}  # fmt: skip
+    saturated = {name: block(0.1, 0.2) for name in ("direct", "proxy", "vtai")}
+    data = {"vtai_only": False, "clients": 4, "seconds": 1.0, "rounds": 1, "chunks": 5}
+    data |= {"level_spec": [(0.0, 0.0)], "requests": 10, "vtai_rows": 0, "vtai_requests": 0}
+    data |= {"counters_exact": True, "reserved": 0}
+    s = api_vs_proxy.summarize(levels, saturated, data)
+    met = {t.what.split(",")[0]: t.met for t in s.targets}
+    # first token: VT.ai adds 5 ms, the proxy 10 ms; last token: VT.ai 30 ms, the proxy 20 ms
+    assert met == {
+        "added p50 to the first token": True,
+        "added p99 to the first token": True,
+        "added p50 to the last token": False,
+        "added p99 to the last token": False,
+    }
+    assert "(0.50x)" in s.targets[0].measured and "(1.50x)" in s.targets[2].measured
+
+
+def test_run_all_merge_replaces_one_section_and_its_target_rows():
+    old = run_all.document(
+        {"cpu": "x"},
+        "python benchmarks/run_all.py",
+        [
+            (_section("A", met=True), "load a"),
+            (_section("B", met=False), "load b"),
+        ],
+    )
+    new = run_all.merge(old, "python benchmarks/run_all.py --only b --merge", [
+        (_section("B", met=True, cell="9"), "load b2"),
+        (_section("C", met=True), "load c"),
+    ])  # fmt: skip
+    assert new.count("## B") == 1 and "| 9 |" in new and "_load b2; merged in" in new
+    assert "| B | t | goal | m | yes |" in new and "| B | t | goal | m | **no** |" not in new
+    assert "| A | t | goal | m | yes |" in new and "_load a._" in new
+    # A new section goes before the design notes, its target rows after the others.
+    assert new.index("## C") < new.index(run_all.DESIGN.splitlines()[0])
+    rows = [line[:5] for line in new.splitlines() if line[:5] in ("| A |", "| B |", "| C |")]
+    assert rows == ["| A |", "| B |", "| C |"]
+
+
+def _section(title: str, met: bool, cell: str = "1") -> common.Section:
+    target = common.Target("t", "goal", "m", met, "why")
+    return common.Section(title, f"cmd {title}", ["col"], [[cell]], ["a note"], [target])

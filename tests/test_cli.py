@@ -400,3 +400,93 @@ async def test_every_cli_change_is_audited_as_the_os_user(run, db_url, monkeypat
     assert added[2] == "openai/mine" and added[3] is None
     assert added[4]["api_base"] == "http://127.0.0.1:9/v1" and added[4]["weight"] == 2.0
     assert added[4]["api_key_env"] == "MINE_KEY" and "sk-mine" not in str(added)
+
+
+# --- vtai key ---------------------------------------------------------------------------------
+
+
+async def test_key_create_list_revoke(run, db_url):
+    import asyncpg
+
+    from vtai.api import keys
+
+    await run("user", "add", "ada", "--password-stdin", stdin="pw-123\n")
+    code, out, err = await run("key", "create", "ada", "--label", "laptop", "--expires-days", "7")
+    assert code == 0, err
+    plain = out.strip()
+    assert keys.well_formed(plain) and out.count("\n") == 1  # the key alone on stdout
+    assert "shown once" in err and "can't be shown again" in err and plain not in err
+    assert f"created key {plain[:12]} 'laptop' for ada" in err
+    code, _, err = await run("key", "create", "ada", "--label", "ci")
+    assert code == 0 and "expires never" in err
+    await run("user", "add", "bob", "--password-stdin", stdin="pw-123\n")
+    assert (await run("key", "create", "bob", "--label", "bob's"))[0] == 0
+
+    code, out, _ = await run("key", "list", "ada")
+    assert code == 0 and "laptop" in out and "ci" in out and "bob's" not in out
+    assert plain not in out and plain[5:] not in out and plain[:12] in out
+    code, out, _ = await run("key", "list")
+    assert code == 0 and "bob's" in out and out.count("active") == 3
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        key_id = await conn.fetchval("select id from api_keys where label = 'laptop'")
+        code, out, _ = await run("key", "revoke", str(key_id))
+        assert code == 0 and out.strip() == f"key {plain[:12]} 'laptop' of ada is revoked"
+        code, out, _ = await run("key", "revoke", str(key_id))
+        assert code == 0 and "(it already was)" in out
+        assert await conn.fetchval("select revoked_at from api_keys where id = $1", key_id)
+        code, out, _ = await run("key", "list", "ada")
+        assert "revoked" in out
+        rows = await conn.fetch("select actor, action from audit_log order by id")
+        assert [r["action"] for r in rows] == ["key.create"] * 3 + ["key.revoke"]
+        assert {r["actor"] for r in rows} == {audit_actor()}
+    finally:
+        await conn.close()
+
+
+def audit_actor() -> str:
+    from vtai.plans import audit
+
+    return audit.cli_actor()
+
+
+async def test_key_list_empty(run):
+    code, out, _ = await run("key", "list")
+    assert code == 0 and "no API keys yet" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("key", "create", "nobody", "--label", "x"), "no user named 'nobody'"),
+        (("key", "create", "ada", "--label", " "), "--label: "),
+        (("key", "create", "ada", "--label", "x" * 101), "--label: at most 100"),
+        (("key", "create", "ada", "--label", "x", "--expires-days", "0"), "--expires-days: "),
+        (("key", "create", "ada", "--label", "x", "--expires-days", "1y"), "--expires-days: "),
+        (("key", "revoke", "12"), "ID: '12' is not a key id"),
+        (("key", "revoke", "00000000-0000-0000-0000-000000000000"), "ID: no key"),
+        (("key", "list", "nobody"), "no user named 'nobody'"),
+    ],
+)
+async def test_key_bad_input_is_one_line_naming_the_field(run, argv, expected):
+    await run("user", "add", "ada", "--password-stdin", stdin="pw-123\n")
+    code, _, err = await run(*argv)
+    assert code == 2 and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+async def test_key_commands_need_a_database_url_in_rest_only_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("vtai.settings.load_dotenv", lambda **_: None)
+    for name in ("VTAI_DATABASE_URL", "SUPABASE_DB_URL", "SUPABASE_SERVICE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SUPABASE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "service-key")
+    monkeypatch.setenv("SUPABASE_ANON_KEY", "anon-key")
+    monkeypatch.setenv("VTAI_DATA_DIR", str(tmp_path))
+    for argv in (["key", "list"], ["key", "create", "ada", "--label", "x"]):
+        code = await asyncio.to_thread(cli.main, argv)
+        _, err = capsys.readouterr()
+        assert code == 2 and err.count("\n") == 1 and "set SUPABASE_DB_URL" in err, err
+        assert err.startswith("vtai: `vtai key` needs a direct database connection")
+    assert not (tmp_path / "pg").exists()

@@ -186,9 +186,12 @@ async def test_requests_per_minute_hold_at_the_boundary(app):
         # Three turns must fall in one minute; this wait is for the clock, not for the app.
         await asyncio.sleep(61 - now.second)
     async with await chat(app.base, user.username, "correct horse battery") as client:
-        replies = [await client.send(f"Question {i}") for i in range(3)]
+        replies = [await client.send(f"Question {i}") for i in range(2)]
+        mark = await client.send_raw("Question 2")
+        replies.append(await client.collect(mark))
     assert replies[0].answer and replies[1].answer
     assert "2 requests this minute, the most" in replies[2].text, replies[2].text
+    assert ["retry"] == [a["name"] for a in client.actions_since(mark)]
     rows = await app.rows(user, 3)
     assert [r["status"] for r in rows] == ["success", "success", "refused"]
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 
 from vtai.admin import balances
+from vtai.api import keys as api_keys
 from vtai.db import accounts as users
 from vtai.db.connection import Database, DatabaseError
 from vtai.llm import catalogue, models
@@ -366,6 +368,100 @@ async def tier_set(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, work)
 
 
+# --- API keys (vtai.api.keys): audited as cli:<OS user> ---------------------------------------
+
+
+async def _with_keys_db(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
+    if settings.rest_metering:
+        raise CliError(f"`vtai key` {NEEDS_DATABASE}")
+    return await _with_db(settings, work)
+
+
+def _cli_field(exc: Exception) -> CliError:
+    """vtai.api.keys names the form's fields; here they are the command's."""
+    text = str(exc)
+    for field, flag in (("label: ", "--label: "), ("expires_days: ", "--expires-days: ")):
+        if text.startswith(field):
+            text = flag + text[len(field) :]
+    return CliError(text)
+
+
+def _when(value) -> str:
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M}"
+
+
+async def key_create(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        expires_at = api_keys.expiry_in_days(args.expires_days, "--expires-days")
+        api_keys.check_label(args.label)
+    except api_keys.ApiKeyError as exc:
+        raise _cli_field(exc) from None
+
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            profile = await users.require(conn, args.name)
+            try:
+                key, plain = await api_keys.create(
+                    conn, profile.id, args.label, expires_at, actor=audit.cli_actor()
+                )
+            except api_keys.ApiKeyError as exc:
+                raise _cli_field(exc) from None
+        # The key alone on stdout (KEY=$(vtai key create ...)); what it is on stderr.
+        print(plain)
+        print(
+            f"created key {key.prefix} {key.label!r} for {key.username} (id {key.id},"
+            f" expires {_when(key.expires_at) if key.expires_at else 'never'})",
+            file=sys.stderr,
+        )
+        print(api_keys.SHOWN_ONCE, file=sys.stderr)
+        return 0
+
+    return await _with_keys_db(settings, work)
+
+
+async def key_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            user_id = (await users.require(conn, args.name)).id if args.name else None
+            found = await api_keys.list_keys(conn, user_id)
+            used = await api_keys.usage(conn, [k.id for k in found], settings.usage_period)
+        if not found:
+            print("no API keys yet: make one with `vtai key create NAME --label LABEL`")
+            return 0
+        print(
+            f"{'id':<36}  {'user':<16} {'label':<20} {'prefix':<12} {'tokens':>10}"
+            f"  {'created':<16}  {'last used':<16}  {'expires':<16}  state"
+        )
+        for k in found:
+            print(
+                f"{k.id!s:<36}  {k.username:<16} {k.label:<20} {k.prefix:<12}"
+                f" {used.get(k.id, 0):>10,}  {_when(k.created_at):<16}  {_when(k.last_used_at):<16}"
+                f"  {_when(k.expires_at):<16}  {k.state()}"
+            )
+        return 0
+
+    return await _with_keys_db(settings, work)
+
+
+async def key_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        key_id = uuid.UUID(args.id)
+    except ValueError:
+        raise CliError(f"ID: {args.id!r} is not a key id (see: vtai key list)") from None
+
+    async def work(db: Database) -> int:
+        async with db.pool.acquire() as conn:
+            try:
+                key, changed = await api_keys.revoke(conn, key_id, actor=audit.cli_actor())
+            except api_keys.KeyNotFound:
+                raise CliError(f"ID: no key {key_id} (see: vtai key list)") from None
+        what = f"key {key.prefix} {key.label!r} of {key.username}"
+        print(f"{what} is revoked" + ("" if changed else " (it already was)"))
+        return 0
+
+    return await _with_keys_db(settings, work)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vtai", description="Manage VT.ai users, usage, plans and models."
@@ -451,6 +547,21 @@ def build_parser() -> argparse.ArgumentParser:
     mweight.add_argument("weight")
     mweight.set_defaults(run=model_weight)
 
+    key = sub.add_parser("key", help="personal API keys for /v1").add_subparsers(
+        dest="action", required=True
+    )
+    kcreate = key.add_parser("create", help="make a key for a user (shown once)")
+    kcreate.add_argument("name", metavar="NAME", help="the user the key belongs to")
+    kcreate.add_argument("--label", required=True, help="what the key is for, e.g. laptop")
+    kcreate.add_argument("--expires-days", metavar="N", help="stop working after N days")
+    kcreate.set_defaults(run=key_create)
+    klist = key.add_parser("list", help="every key, or one user's, with its tokens this period")
+    klist.add_argument("name", metavar="NAME", nargs="?")
+    klist.set_defaults(run=key_list)
+    krevoke = key.add_parser("revoke", help="revoke a key: its next request is refused")
+    krevoke.add_argument("id", metavar="ID")
+    krevoke.set_defaults(run=key_revoke)
+
     bal = sub.add_parser("balances", help="provider account balances").add_subparsers(
         dest="action", required=True
     )
@@ -470,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         users.UserError,
         catalogue.CatalogueError,
         plans.PlanError,
+        api_keys.ApiKeyError,
     ) as exc:
         print(f"vtai: {exc}", file=sys.stderr)
         return 2

@@ -7,12 +7,15 @@ import chainlit.server
 
 from vtai import launch
 from vtai.admin import routes as admin
+from vtai.api import routes as api
 from vtai.settings import load_settings
 from vtai.ui import chat, feedback_guard, history, socket_guard
 from vtai.web import origins, sessions, uploads
 
 # /admin and /admin/api/*, ahead of Chainlit's catch-all page route.
 admin.register(chainlit.server.app)
+# /v1: the OpenAI-compatible API, metered by the same turn path as the chat.
+api.register(chainlit.server.app)
 # Who may call the app, whose login still holds, and what a chat client may send.
 _settings = load_settings()
 # `chainlit run vtai/main.py` works without `make run`: Chainlit checks for its secret after

@@ -362,6 +362,10 @@ class Settings(BaseSettings):
     max_message_chars: Annotated[Whole, _at_least(1)] = Field(
         32_000, validation_alias=_var("VTAI_MAX_MESSAGE_CHARS")
     )
+    # An API request body (POST /v1/chat/completions) larger than this is refused with 413.
+    max_body_bytes: Annotated[Whole, _at_least(1024)] = Field(
+        1_048_576, validation_alias=_var("VTAI_MAX_BODY_BYTES")
+    )
     # Seconds a turn keeps running for a client whose socket dropped, waiting for it to return.
     disconnect_grace: Annotated[Whole, _at_least(0)] = Field(
         30, validation_alias=_var("VTAI_DISCONNECT_GRACE")

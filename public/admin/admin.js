@@ -2,7 +2,7 @@
 // Everything the page loaded is kept on window.vtaiAdmin, which the browser test inspects.
 "use strict";
 
-const state = (window.vtaiAdmin = { summary: null, series: null, users: null, logs: null, plans: null });
+const state = (window.vtaiAdmin = { summary: null, series: null, users: null, logs: null, plans: null, keys: null });
 const charts = {};
 let cursors = [null]; // cursors[i] opens page i of the log; keyset, so no page numbers in SQL
 
@@ -285,8 +285,11 @@ function setPlanRow(row, plan) {
 const rowEdited = (row) => PLAN_FIELDS.some(([f]) => row.inputs[f].value !== row.loaded[f]);
 
 async function savePlan(tier, row, button) {
+  // Only what this admin changed: a field someone else saved meanwhile is left as they saved it.
   const body = {};
-  for (const [field] of PLAN_FIELDS) body[field] = row.inputs[field].value;
+  for (const [field] of PLAN_FIELDS) {
+    if (row.inputs[field].value !== row.loaded[field]) body[field] = row.inputs[field].value;
+  }
   button.disabled = true;
   try {
     const r = await api("/admin/api/plans/" + encodeURIComponent(tier), {
@@ -475,6 +478,61 @@ $("#model-form").addEventListener("submit", (e) => {
   );
 });
 
+// ---- API keys ----------------------------------------------------------------------------
+
+function sayKeys(text, kind) {
+  const el = $("#keys-message");
+  el.textContent = text || "";
+  el.className = kind || "";
+}
+
+async function revokeKey(key, button) {
+  if (!window.confirm("Revoke " + key.username + "'s key " + key.label + " (" + key.prefix + "…)?")) return;
+  button.disabled = true;
+  try {
+    await api("/admin/api/keys/" + encodeURIComponent(key.id) + "/revoke", { method: "POST" });
+    sayKeys("Revoked " + key.username + "'s key " + key.label + ".");
+    await Promise.all([loadKeys(), loadPlans()]);
+  } catch (err) {
+    sayKeys("Not revoked: " + err.message, "error");
+    button.disabled = false;
+  }
+}
+
+async function loadKeys() {
+  const k = (state.keys = await api("/admin/api/keys"));
+  const body = $("#keys tbody");
+  body.replaceChildren();
+  if (!k.keys.length) {
+    const tr = document.createElement("tr");
+    cell(tr, "No API keys yet.");
+    body.appendChild(tr);
+  }
+  for (const key of k.keys) {
+    const tr = document.createElement("tr");
+    tr.className = "key-" + key.state;
+    tr.dataset.key = key.id;
+    cell(tr, key.username);
+    cell(tr, key.label);
+    cell(tr, key.prefix + "…", "mono");
+    cell(tr, num(key.tokens), "num");
+    cell(tr, when(key.created_at).slice(0, 16));
+    cell(tr, key.last_used_at ? when(key.last_used_at).slice(0, 16) : "never");
+    cell(tr, key.expires_at ? when(key.expires_at).slice(0, 16) : "never");
+    cell(tr, key.state);
+    const td = cell(tr, "");
+    if (key.state !== "revoked") {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "revoke-key";
+      button.textContent = "Revoke";
+      button.addEventListener("click", () => revokeKey(key, button));
+      td.appendChild(button);
+    }
+    body.appendChild(tr);
+  }
+}
+
 // ---- feedback ----------------------------------------------------------------------------
 
 async function loadFeedback() {
@@ -500,6 +558,6 @@ async function loadFeedback() {
 
 // ---- start -------------------------------------------------------------------------------
 
-Promise.all([loadSummary(), loadSeries(), loadUsers(), loadLogs(0), loadFeedback(), loadPlans()])
+Promise.all([loadSummary(), loadSeries(), loadUsers(), loadLogs(0), loadFeedback(), loadPlans(), loadKeys()])
   .then(() => (document.body.dataset.loaded = "true"))
   .catch((e) => say(e.message, true));

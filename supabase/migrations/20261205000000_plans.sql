@@ -22,7 +22,7 @@ alter table public.tiers
   add column if not exists usd_limit numeric(18, 8) check (usd_limit is null or usd_limit >= 0),
   add column if not exists rpm integer check (rpm is null or rpm >= 0),
   add column if not exists models text[] not null default '{*}'
-    check (cardinality(models) <= 200);
+    check (cardinality(models) <= 200 and array_position(models, null) is null);
 
 create table if not exists public.model_weights (
   pattern text primary key check (length(pattern) between 1 and 200),

@@ -352,6 +352,8 @@ async def test_plans_panel_in_the_browser(db_url, conn, tmp_path):
         assert await free.locator("[name=tokens]").input_value() == "20000"
         assert await plan(conn) == DEFAULT_FREE
 
+        # Another admin (here the CLI's SQL) sets the rate meanwhile: this save leaves it be.
+        await conn.execute("update tiers set rpm = 9 where name = 'free'")
         await free.locator("[name=daily]").fill("2000")
         await free.locator("[name=usd]").fill("1.50")
         await free.locator("[name=models]").fill("local/*, gpt-4o-mini")
@@ -363,7 +365,7 @@ async def test_plans_panel_in_the_browser(db_url, conn, tmp_path):
         assert await basic.locator("[name=rpm]").input_value() == "7"
         # the users table shows the new limit
         await page.wait_for_selector("#users tr[data-user=root]:has-text('20,000')")
-        assert await plan(conn) == (20000, 2000, Decimal("1.5"), None, ["local/*", "gpt-4o-mini"])
+        assert await plan(conn) == (20000, 2000, Decimal("1.5"), 9, ["local/*", "gpt-4o-mini"])
 
         # A weight that is not a number, then a good one; then disable a model.
         await page.fill("#weight-form [name=pattern]", "gpt-4o")

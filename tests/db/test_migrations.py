@@ -180,7 +180,7 @@ async def test_migrations_run_as_non_superuser_on_supabase_shaped_database(supab
                     ), (role, table, priv)
         for fn in (
             "vtai_reserve(uuid,integer,integer,text,integer,timestamptz,text,numeric,numeric,"
-            "boolean)",
+            "boolean,integer)",
             "vtai_usage(uuid,text,timestamptz)",
             "vtai_verify_counters()",
             "vtai_model_weight(text)",
@@ -655,7 +655,7 @@ async def test_database_on_the_first_baseline_upgrades_to_the_function_files(
         assert "p_model" not in old_args
         applied = await migrations.apply_pending(conn)
         assert [m.label for m in applied] == [
-            "migration 20261205000000_plans",
+            *(m.label for m in migrations.discover() if m.version >= "20261205000000"),
             *(f.label for f in migrations.discover_functions()),
         ]
         assert await migrations.changed(conn) == []
@@ -694,3 +694,29 @@ async def test_a_changed_function_file_is_applied_again_and_only_then(empty_db_u
         assert await migrations.stale_functions(conn, functions) == []
     finally:
         await conn.close()
+
+
+async def test_an_older_build_does_not_put_older_rules_back(empty_db_url, tmp_path):
+    functions = tmp_path / "functions"
+    shutil.copytree(migrations.FUNCTIONS_DIR, functions)
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await migrations.apply_pending(conn, functions=functions)
+        newest = migrations.discover_functions(functions)[0]
+        # A newer build applied this file at a higher version; this build's copy is older.
+        await conn.execute(
+            f"update {migrations.FUNCTIONS_TABLE} set version = $2, sha256 = 'newer'"
+            " where name = $1",
+            newest.name,
+            newest.version + 1,
+        )
+        with pytest.raises(migrations.FunctionsNewer) as refused:
+            await migrations.apply_pending(conn, functions=functions)
+        assert f"{newest.name} (version {newest.version + 1} applied" in str(refused.value)
+        assert "start the newer build" in str(refused.value)
+    finally:
+        await conn.close()
+
+
+def test_every_function_file_says_its_version():
+    assert all(f.version >= 1 for f in migrations.discover_functions())

@@ -668,3 +668,63 @@ async def test_usage_verify_cli_after_weighted_rows(
     await conn.execute("update usage_counters set used = used_raw")
     code, out = await verify()
     assert code == 1 and out.count("mismatch") == 1 and " period " in out, out
+
+
+# --- Found by review: each would let a cap or a reservation be beaten -------------------------
+
+
+async def test_the_catalogue_price_wins_in_the_database_not_the_callers(pool, conn):
+    """A process with a stale (or no) price can't reserve dollars cheaper than the catalogue
+    says: vtai_reserve reads `models` itself under a dollar cap."""
+    user = await add_user(conn, tier=await plan(conn, usd_limit=Decimal("1")))
+    await conn.execute(
+        "insert into models (model, price_in, price_out) values ('acme/pricey', 0.001, 0.01)"
+    )
+    gate = Gate(pool)
+    grant = await gate.reserve(user.id, 100, 1000, now=T0, model="acme/pricey", prices=None)
+    assert grant.granted
+    # 100 x 0.001 = 0.1 for the prompt, so 0.9 / 0.01 = 89 answer tokens (one unit of slack).
+    assert grant.max_tokens == 89
+    held = await conn.fetchval("select cost from reservations where id = $1", grant.reservation_id)
+    assert held == Decimal("0.1") + 89 * Decimal("0.01") + SLACK
+
+
+async def test_a_settled_cost_counts_no_more_than_its_reservation_held(pool, conn):
+    user = await add_user(conn, tier=await plan(conn, usd_limit=Decimal("1")))
+    gate, store = Gate(pool), PostgresStore(pool)
+    grant = await gate.reserve(user.id, 10, 10, now=T0, model="gpt-4o-mini", prices=(0.01, 0.01))
+    held = await conn.fetchval("select cost from reservations where id = $1", grant.reservation_id)
+    # The row claims far more than the reservation held: the ledger keeps it, the cap counts
+    # what was reserved.
+    await store.record_batch([ledger_row(user, grant, 10, 10, "gpt-4o-mini", cost="5")])
+    row = await period_counter(conn, user)
+    assert row["cost_used"] == held < 1 and row["cost_reserved"] == 0
+
+
+async def test_a_row_cannot_settle_another_users_reservation(pool, conn):
+    owner, other = await add_user(conn), await add_user(conn)
+    gate, store = Gate(pool), PostgresStore(pool)
+    grant = await gate.reserve(owner.id, 10, 90, now=T0)
+    await store.record_batch([ledger_row(other, grant, 10, 5, "gpt-4o-mini")])
+    assert (
+        await conn.fetchval("select count(*) from reservations where id = $1", grant.reservation_id)
+        == 1
+    )
+    assert (await period_counter(conn, owner))["reserved"] == 100
+
+
+async def test_a_null_model_pattern_is_refused_by_the_table(conn):
+    name = await plan(conn, token_limit=10)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute("update tiers set models = array['*', null] where name = $1", name)
+
+
+async def test_a_short_answer_refusal_counts_no_request(pool, conn):
+    user = await add_user(conn, tier=await plan(conn, token_limit=130, rpm=1))
+    gate = Gate(pool)
+    offered = await gate.reserve(user.id, 100, 500, now=T0, min_completion=256)
+    assert not offered.granted and offered.reason == "short_answer_only"
+    assert offered.max_tokens == 30
+    # The user takes the short answer: still inside the minute's one request.
+    taken = await gate.reserve(user.id, 100, 500, now=T0, min_completion=1)
+    assert taken.granted and taken.max_tokens == 30

@@ -1,5 +1,6 @@
-"""Who may use /admin: the signed-in user's `profiles.is_admin`, read from the database on
-every request (the JWT's copy is made at login and can be stale), and the origin rule.
+"""Who may use /admin (and /account): the signed-in user's profile, `profiles.is_admin` for
+/admin, read from the database on every request (the JWT's copy is made at login and can be
+stale), and the origin rule.
 """
 
 import uuid
@@ -14,8 +15,12 @@ class NotSignedIn(Exception):
     pass
 
 
-async def admin_from_request(request: Request, pool: asyncpg.Pool) -> asyncpg.Record:
-    """The admin's profile row; NotSignedIn without a valid session, 403 for anyone else."""
+async def user_from_request(request: Request, pool: asyncpg.Pool) -> asyncpg.Record:
+    """The signed-in user's profile row (id, username, tier, is_admin), read now.
+
+    NotSignedIn without a valid session, or when the profile is gone or disabled (its logins
+    have ended). In the app, vtai.web.sessions has already refused a login that ended.
+    """
     from chainlit.auth import get_token_from_cookies
     from chainlit.auth.jwt import decode_jwt
 
@@ -34,16 +39,22 @@ async def admin_from_request(request: Request, pool: asyncpg.Pool) -> asyncpg.Re
         key = uuid.UUID(str(user_id)) if user_id else None
     except ValueError:
         key = None
+    columns = "id, username, tier, is_admin, disabled_at"
     if key is not None:
-        row = await pool.fetchrow(
-            "select id, username, is_admin from public.profiles where id = $1", key
-        )
+        row = await pool.fetchrow(f"select {columns} from public.profiles where id = $1", key)
     else:
         row = await pool.fetchrow(
-            "select id, username, is_admin from public.profiles where username = $1",
-            user.identifier,
+            f"select {columns} from public.profiles where username = $1", user.identifier
         )
-    if row is None or not row["is_admin"]:
+    if row is None or row["disabled_at"] is not None:
+        raise NotSignedIn
+    return row
+
+
+async def admin_from_request(request: Request, pool: asyncpg.Pool) -> asyncpg.Record:
+    """The admin's profile row; NotSignedIn without a valid session, 403 for anyone else."""
+    row = await user_from_request(request, pool)
+    if not row["is_admin"]:
         raise HTTPException(status_code=403, detail="administrators only")
     return row
 

@@ -35,6 +35,7 @@ from vtai.admin.reports import (
     summary,
     user_table,
 )
+from vtai.api import account, keys
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,11 @@ def build_router(
 ) -> APIRouter:
     # Every route: a GET passes, anything that changes state must come from our own origin.
     router = APIRouter(dependencies=[Depends(same_origin)])
+    # /account (any signed-in user's API keys) rides on this router, so that registering the
+    # admin routes registers it too; its own 503 names the account page.
+    router.include_router(
+        account.build_router(None if get_pool is _services_pool else get_pool, get_period)
+    )
 
     async def require_admin(request: Request) -> asyncpg.Record:
         try:
@@ -208,6 +214,28 @@ def build_router(
     @router.post("/admin/api/balances/sync")
     async def api_balances_sync(admin: Admin):
         return await balances.sync(get_pool())
+
+    # --- API keys: every user's, with revoke (vtai.api.keys) -------------------------------
+
+    @router.get("/admin/api/keys")
+    async def api_keys(admin: Admin):
+        async with get_pool().acquire() as conn:
+            found = await keys.list_keys(conn)
+            used = await keys.usage(conn, [k.id for k in found], get_period())
+        return {"keys": [k.as_dict() | {"tokens": used.get(k.id, 0)} for k in found]}
+
+    @router.post("/admin/api/keys/{key_id}/revoke")
+    async def api_revoke_key(key_id: str, admin: Admin):
+        try:
+            target = uuid.UUID(key_id)
+        except ValueError:
+            raise HTTPException(400, "key: not a key id") from None
+        try:
+            async with get_pool().acquire() as conn:
+                key, changed = await keys.revoke(conn, target, actor=admin["username"])
+        except keys.KeyNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        return {"key": key.as_dict(), "changed": changed}
 
     # --- Plans: each edit validated, then saved with its audit row (vtai.admin.plans) -------
 

@@ -52,6 +52,8 @@ create table if not exists supabase_migrations.vtai_function_files (
   sha256 text not null,
   applied_at timestamptz not null default now()
 );
+alter table supabase_migrations.vtai_function_files
+  add column if not exists version integer not null default 0;
 """
 
 # The baseline: together, the final state of the V0 files.
@@ -148,6 +150,13 @@ class Migration:
             return str(self.path)
 
 
+_VERSION = re.compile(r"^-- version: (\d+)\b", re.MULTILINE)
+
+
+class FunctionsNewer(MigrationError):
+    """The database holds a function file newer than this build's: an older build starting."""
+
+
 @dataclass(frozen=True)
 class FunctionFile:
     path: Path
@@ -155,6 +164,15 @@ class FunctionFile:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def version(self) -> int:
+        """The file's `-- version: N` line. Every change raises it (a test checks), so an
+        older build never puts older rules back over newer ones."""
+        match = _VERSION.search(self.sql)
+        if not match:
+            raise ValueError(f"{self.name} has no `-- version: N` line")
+        return int(match.group(1))
 
     @property
     def label(self) -> str:
@@ -172,19 +190,38 @@ def discover_functions(directory: Path = FUNCTIONS_DIR) -> list[FunctionFile]:
 async def stale_functions(
     conn: asyncpg.Connection, directory: Path = FUNCTIONS_DIR
 ) -> list[FunctionFile]:
-    """Function files whose text differs from the one last applied (or never applied)."""
-    done = {}
+    """Function files whose text differs from the one last applied (or never applied).
+    Raises FunctionsNewer when the database's version of one is higher than this build's."""
+    done: dict[str, tuple[str, int]] = {}
     if await conn.fetchval(f"select to_regclass('{FUNCTIONS_TABLE}')") is not None:
-        rows = await conn.fetch(f"select name, sha256 from {FUNCTIONS_TABLE}")
-        done = {r["name"]: r["sha256"] for r in rows}
-    return [f for f in discover_functions(directory) if done.get(f.name) != f.sha256]
+        has_version = await conn.fetchval(
+            "select exists (select 1 from pg_attribute where attrelid ="
+            f" '{FUNCTIONS_TABLE}'::regclass and attname = 'version' and not attisdropped)"
+        )
+        column = "version" if has_version else "0"
+        rows = await conn.fetch(f"select name, sha256, {column} as version from {FUNCTIONS_TABLE}")
+        done = {r["name"]: (r["sha256"], r["version"]) for r in rows}
+    files = discover_functions(directory)
+    newer = [
+        f"{f.name} (version {done[f.name][1]} applied, {f.version} here)"
+        for f in files
+        if f.name in done and done[f.name][1] > f.version
+    ]
+    if newer:
+        raise FunctionsNewer(
+            f"this database's money functions are newer than this build's: {', '.join(newer)};"
+            " start the newer build (an older one would put older rules back)"
+        )
+    return [f for f in files if done.get(f.name, ("", 0))[0] != f.sha256]
 
 
 def function_record_sql(f: FunctionFile) -> str:
     """The statement that records function file `f` as applied."""
     return (
-        f"insert into {FUNCTIONS_TABLE} (name, sha256) values ('{f.name}', '{f.sha256}')"
-        " on conflict (name) do update set sha256 = excluded.sha256, applied_at = now();"
+        f"insert into {FUNCTIONS_TABLE} (name, sha256, version)"
+        f" values ('{f.name}', '{f.sha256}', {f.version})"
+        " on conflict (name) do update set sha256 = excluded.sha256,"
+        " version = excluded.version, applied_at = now();"
     )
 
 

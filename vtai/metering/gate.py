@@ -30,6 +30,9 @@ QUOTA_REASONS = frozenset(
         "prompt_exceeds_usd",
     }
 )
+# A cap leaves fewer answer tokens than the turn asked to start with (Grant.max_tokens says
+# how many): the chat offers the short answer as a choice.
+SHORT_ANSWER_ONLY = "short_answer_only"
 # Refusals whose prompt did not fit what is left: a shorter chat might.
 PROMPT_REASONS = frozenset({"prompt_exceeds_quota", "prompt_exceeds_daily", "prompt_exceeds_usd"})
 
@@ -175,14 +178,17 @@ class Gate:
         model: str | None = None,
         prices: tuple[float, float] | None = None,
         ahead: bool = False,
+        min_completion: int = 1,
     ) -> Grant:
         """Reserve for a call to `model`; `prices`: USD per prompt and completion token (None:
-        unknown, refused under a dollar cap); `ahead`: before the user asked (ahead.py)."""
+        unknown, refused under a dollar cap); `ahead`: before the user asked (ahead.py);
+        `min_completion`: fewer answer tokens than this left is refused (`short_answer_only`,
+        the answer there would be in max_tokens) before anything counts."""
         price_in, price_out = prices if prices is not None else (None, None)
         try:
             row = await self.pool.fetchrow(
                 "select * from public.vtai_reserve($1, $2, $3, $4, $5, coalesce($6, now()),"
-                " $7, $8::float8::numeric, $9::float8::numeric, $10)",
+                " $7, $8::float8::numeric, $9::float8::numeric, $10, $11)",
                 user_id,
                 prompt_tokens,
                 max_completion,
@@ -193,6 +199,7 @@ class Gate:
                 price_in,
                 price_out,
                 ahead,
+                min_completion,
                 timeout=self.timeout,
             )
             return grant_of(row)

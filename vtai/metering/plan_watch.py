@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 CHANNEL = "vtai_plans"
 # Seconds between attempts to listen again after the connection is lost.
 RETRY = 5.0
+# Seconds between checks that the connection still answers: a half-open TCP connection never
+# says it is gone, and a listener on it would hear nothing while it counted as live.
+HEARTBEAT = 15.0
+# Supabase's transaction pooler: it passes no NOTIFY to a LISTEN.
+POOLER_PORT = 6543
 
 
 class PlanWatch:
@@ -31,9 +36,25 @@ class PlanWatch:
         self.live = False
         self._conn: asyncpg.Connection | None = None
         self._retry: asyncio.Task | None = None
+        self._beat: asyncio.Task | None = None
         self._stopped = False
+        self.retry = RETRY
 
     async def start(self) -> PlanWatch:
+        from urllib.parse import urlsplit
+
+        try:
+            port = urlsplit(self.url).port
+        except ValueError:
+            port = None
+        if port == POOLER_PORT:
+            log.warning(
+                "the database URL is Supabase's transaction pooler (port %d), which passes no "
+                "NOTIFY: reserving ahead is off; use the session or direct port (5432) to turn "
+                "it on",
+                POOLER_PORT,
+            )
+            return self
         try:
             await self._listen()
         except Exception as exc:
@@ -46,14 +67,30 @@ class PlanWatch:
         conn.add_termination_listener(self._lost)
         await conn.add_listener(CHANNEL, self._heard)
         self._conn, self.live = conn, True
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.create_task(self._heartbeat())
         # Anything may have changed while nobody listened.
         self.on_change()
+
+    async def _heartbeat(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(HEARTBEAT)
+            conn = self._conn
+            if conn is None:
+                continue
+            try:
+                await conn.fetchval("select 1", timeout=HEARTBEAT / 3)
+            except Exception:
+                self._lost(conn)
+                conn.terminate()
 
     def _heard(self, _conn, _pid, _channel, payload: str) -> None:
         log.info("plan change (%s): reservations taken ahead go back", payload)
         self.on_change()
 
-    def _lost(self, _conn) -> None:
+    def _lost(self, conn) -> None:
+        if conn is not self._conn:
+            return  # a connection already given up (or stop() closing it)
         self.live, self._conn = False, None
         self.on_change()
         if not self._stopped:
@@ -66,7 +103,7 @@ class PlanWatch:
 
     async def _again(self) -> None:
         while not self._stopped and not self.live:
-            await asyncio.sleep(RETRY)
+            await asyncio.sleep(self.retry)
             try:
                 await self._listen()
                 log.info("listening for plan changes again")
@@ -75,8 +112,9 @@ class PlanWatch:
 
     async def stop(self) -> None:
         self._stopped, self.live = True, False
-        if self._retry is not None:
-            self._retry.cancel()
+        for task in (self._retry, self._beat):
+            if task is not None:
+                task.cancel()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()

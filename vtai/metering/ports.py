@@ -27,6 +27,7 @@ class UsageGate(Protocol):
         model: str | None = None,
         prices: tuple[float, float] | None = None,
         ahead: bool = False,
+        min_completion: int = 1,
     ) -> Grant: ...
 
     async def release(self, reservation_id: uuid.UUID, user_id: uuid.UUID) -> bool: ...

@@ -30,6 +30,8 @@ def refusal(grant: Grant, period: str, model: str, message_tokens: int | None = 
         )
     if grant.reason == "unknown_user":
         return "Your account no longer exists: sign in again or ask the administrator."
+    if grant.reason == "short_answer_only":
+        return short_answer(grant, period)
     plan = f"the {grant.tier} plan" if grant.tier else "your plan"
     reason = grant.reason
     if reason == "model_not_allowed":

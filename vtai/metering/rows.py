@@ -55,6 +55,9 @@ class Facts:
     period_start: str | None = None
     # messages left out of the context (the model's window, or the quota left)
     trimmed: int = 0
+    # chat or api, and the API key the call came with
+    source: str = "chat"
+    api_key_id: str | None = None
     # when the call started: every row of the call carries the same created_at
     created_at: str = dataclasses.field(default_factory=lambda: datetime.now(UTC).isoformat())
 
@@ -182,6 +185,8 @@ def build(
         "response": content_for_log(response, log_content) if response else None,
         "error": error,
         "additional_details": row_details,
+        "source": facts.source,
+        "api_key_id": facts.api_key_id,
     }
 
 

@@ -9,7 +9,6 @@ for the tokens that were produced. The two meet in one place, vtai.metering.rows
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import math
@@ -28,7 +27,7 @@ from vtai.metering.encoding import sanitize
 from vtai.metering.gate import PROMPT_REASONS, Grant
 from vtai.metering.ledger import Ledger
 from vtai.metering.ports import UsageGate
-from vtai.metering.refusal import MIN_COMPLETION, refusal, short_answer
+from vtai.metering.refusal import MIN_COMPLETION, refusal
 from vtai.metering.rows import META_KEY, Facts, OpenCall, OpenCalls, Tokens
 from vtai.settings import Settings
 
@@ -71,6 +70,12 @@ class TurnRequest:
     # The user chose a short answer at the limit: an answer budget clamped below SHORT_ANSWER
     # by a cap is accepted rather than offered as a choice first.
     accept_short: bool = False
+    # Where the turn came from: "chat", or "api" with the key it came with (vtai.api).
+    source: str = "chat"
+    api_key_id: uuid.UUID | None = None
+    # The longest answer the client asked for (the API's max_tokens); never above
+    # VTAI_MAX_TOKENS.
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -84,6 +89,10 @@ class TurnOutcome:
     usage: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     trimmed: int = 0
+    # the model's finish reason for an answered turn: stop, length, ...
+    finish: str | None = None
+    # a refused turn's reason, as its row has it (model_not_offered, quota_exhausted, ...)
+    reason: str | None = None
     # Done once the turn's row is recorded (in the database, or spooled): what the quota line
     # waits for before it reads the counter. None when the turn wrote no row.
     settled: Awaitable | None = None
@@ -289,8 +298,18 @@ class TurnRunner:
             if grant is not None:
                 return grant
         return await self.gate.reserve(
-            req.user_id, prompt_tokens, budget, model=req.model, prices=tokens.prices(req.model)
+            req.user_id,
+            prompt_tokens,
+            budget,
+            model=req.model,
+            prices=tokens.prices(req.model),
+            min_completion=self._min_completion(req, budget),
         )
+
+    def _min_completion(self, req: TurnRequest, budget: int) -> int:
+        """Fewer answer tokens than this left, and the database refuses (short_answer_only):
+        the chat offers the short answer as a choice, unless the user already chose it."""
+        return 1 if req.accept_short else max(1, min(budget, SHORT_ANSWER))
 
     async def _reserve_fitted(
         self, req: TurnRequest, messages: list[dict], prompt_tokens: int, window: int
@@ -300,7 +319,7 @@ class TurnRunner:
         once more: the database still decides, atomically (vtai_reserve).
 
         Returns (grant, messages, prompt_tokens, messages dropped to fit the quota)."""
-        budget = min(self.settings.max_tokens, window - prompt_tokens)
+        budget = min(self._max_tokens(req), window - prompt_tokens)
         grant = await self._reserve(req, reserve_prompt(req.model, messages, prompt_tokens), budget)
         if grant.granted or grant.reason not in PROMPT_REASONS or grant.room is None:
             return grant, messages, prompt_tokens, 0
@@ -313,13 +332,14 @@ class TurnRunner:
         if not fitted:
             return grant, messages, prompt_tokens, 0
         counted = count_prompt(req.model, fitted)
-        budget = min(self.settings.max_tokens, window - counted)
+        budget = min(self._max_tokens(req), window - counted)
         retry = await self.gate.reserve(
             req.user_id,
             reserve_prompt(req.model, fitted, counted),
             budget,
             model=req.model,
             prices=tokens.prices(req.model),
+            min_completion=self._min_completion(req, budget),
         )
         if not retry.granted:
             return retry, messages, prompt_tokens, 0
@@ -328,6 +348,11 @@ class TurnRunner:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _max_tokens(self, req: TurnRequest) -> int:
+        if req.max_tokens is None:
+            return self.settings.max_tokens
+        return max(1, min(req.max_tokens, self.settings.max_tokens))
 
     def _facts(
         self, req: TurnRequest, call_id: str, grant: Grant | None, trimmed: int = 0
@@ -343,6 +368,8 @@ class TurnRunner:
             reservation_id=str(grant.reservation_id) if grant and grant.reservation_id else None,
             period_start=grant.period_start.isoformat() if grant and grant.period_start else None,
             trimmed=trimmed,
+            source=req.source,
+            api_key_id=str(req.api_key_id) if req.api_key_id else None,
         )
 
     def offered(self) -> list[str]:
@@ -390,6 +417,7 @@ class TurnRunner:
             grant=grant,
             call_id=call_id,
             history=req.history,
+            reason=details.get("reason"),
             settled=self._later(row),
         )
 
@@ -476,6 +504,7 @@ class TurnRunner:
             else {},
             history=history,
             trimmed=dropped,
+            finish=finish,
             settled=call.settled,
         )
 
@@ -544,23 +573,6 @@ class TurnRunner:
                 grant,
                 messages,
                 reason=grant.reason,
-            )
-        budget = min(self.settings.max_tokens, window - prompt_tokens)
-        if (
-            not req.accept_short
-            and grant.reservation_id is not None
-            and grant.max_tokens < min(budget, SHORT_ANSWER)
-        ):
-            # A cap leaves only a short answer: the user chooses (vtai.ui.chat offers it).
-            await self.gate.release(grant.reservation_id, req.user_id)
-            return self._refuse(
-                req,
-                call_id,
-                short_answer(grant, self.settings.usage_period),
-                dataclasses.replace(grant, reason="short_answer_only"),
-                messages,
-                reason="short_answer_only",
-                answer_tokens=grant.max_tokens,
             )
         dropped += over_quota
         notice = None

@@ -121,6 +121,7 @@ class SupabaseStore:
         model: str | None = None,
         prices: tuple[float, float] | None = None,
         ahead: bool = False,
+        min_completion: int = 1,
     ) -> Grant:
         price_in, price_out = prices if prices is not None else (None, None)
         params = {
@@ -133,6 +134,7 @@ class SupabaseStore:
             "p_price_in": price_in,
             "p_price_out": price_out,
             "p_ahead": ahead,
+            "p_min_completion": min_completion,
         }
         if now is not None:
             params["p_now"] = now.isoformat()
@@ -183,6 +185,11 @@ class SupabaseStore:
 
     def is_bad_data(self, exc: BaseException) -> bool:
         return is_bad_data(exc)
+
+    async def api_key_owner(self, key_hash: str) -> dict | None:
+        """vtai_api_key_owner() (vtai.api.keys.owner): {key_id, user_id, label} or None."""
+        rows = await self._rpc("vtai_api_key_owner", {"p_hash": key_hash})
+        return dict(rows[0]) if rows else None
 
     async def usage(self, user_id: uuid.UUID, now: datetime | None = None) -> Usage | None:
         params = {"p_user": str(user_id), "p_period": self.period}

@@ -324,8 +324,13 @@ async def run_turn(
         return
     reply.content = outcome.notice or ""
     reason = outcome.grant.reason if outcome.grant else None
-    if reason == "model_not_allowed":
-        reply.content += await _fall_back()
+    if reason in ("model_not_allowed", "rate_limited"):
+        if reason == "model_not_allowed":
+            reply.content += await _fall_back()
+        # Nothing to retype: the message goes again with one click.
+        cl.user_session.set("retry_text", text)
+        cl.user_session.set("retry_id", message_id)
+        reply.actions = [cl.Action(name="retry", payload={}, label="Send again")]
     elif reason in QUOTA_REASONS or reason == "short_answer_only":
         reply.actions = await _ways_through(outcome.grant, text, message_id)
         if reply.actions:

@@ -330,6 +330,10 @@ def _clear_cookie_headers(scope) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in response.raw_headers if k == b"set-cookie"]
 
 
+# The OpenAI-compatible API (vtai.api.routes): keys, not logins.
+API_PREFIX = "/v1/"
+
+
 class SessionMiddleware:
     """ASGI middleware: every HTTP request's credential must belong to a live login."""
 
@@ -346,6 +350,9 @@ class SessionMiddleware:
         _client_addr.set(request_address(scope, self.trusted))
         from starlette.requests import Request
 
+        if scope["path"].startswith(API_PREFIX):
+            # The API authenticates each request by its key (vtai.api.keys), never a login.
+            return await self.app(scope, receive, send)
         request = Request(scope)
         tokens = []
         if token := _cookie_token(request.cookies):

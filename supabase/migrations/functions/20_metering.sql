@@ -1,4 +1,5 @@
 -- The money functions: reserve, record (settle), release, usage, verify.
+-- version: 1 (raise it with every change: a database refuses a build whose file is older)
 --
 -- A function file, not a migration: VT.ai re-applies it, in one transaction, whenever its text
 -- differs from the text last applied to the database (vtai/db/migrations.py, docs/supabase.md
@@ -22,6 +23,8 @@
 
 -- Signatures this file replaced: gone, so a call with the old arguments fails loudly.
 drop function if exists public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz);
+drop function if exists public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz,
+                                            text, numeric, numeric, boolean);
 drop function if exists public.vtai_usage(uuid, text, timestamptz);
 drop function if exists public.vtai_verify_counters();
 
@@ -82,7 +85,8 @@ create or replace function public.vtai_reserve(
   p_model text default null,
   p_price_in numeric default null,
   p_price_out numeric default null,
-  p_ahead boolean default false
+  p_ahead boolean default false,
+  p_min_completion integer default 1
 )
 returns table (
   granted boolean,
@@ -132,6 +136,10 @@ declare
   v_uleft numeric;
   v_amount bigint;
   v_cost numeric := 0;
+  v_price_in numeric := p_price_in;
+  v_price_out numeric := p_price_out;
+  v_cat_in numeric;
+  v_cat_out numeric;
   v_remaining bigint;
   v_id uuid;
   -- The ledger keeps a row's cost to 8 decimals, rounded: a reservation holds one unit more,
@@ -217,7 +225,7 @@ begin
   end if;
 
   -- 1. The model.
-  if not v_allowed then
+  if v_allowed is not true then
     v_reason := 'model_not_allowed';
   -- 2. The request rate: every model, exempt ones too.
   elsif v_rpm is not null and p_ahead then
@@ -280,16 +288,25 @@ begin
     end if;
     -- 5. Dollars for the period, at the model's prices.
     if v_reason is null and v_usd_limit is not null then
+      -- The catalogue's price, where it has one, wins over the caller's (LiteLLM's map): the
+      -- database's own, never a process's copy of it.
+      -- (as vtai.llm.tokens prices a catalogued model: a missing one of the two is 0).
+      select coalesce(m.price_in, 0), coalesce(m.price_out, 0) into v_cat_in, v_cat_out
+      from models m where m.model = p_model and (m.price_in is not null or m.price_out is not null);
+      if found then
+        v_price_in := v_cat_in;
+        v_price_out := v_cat_out;
+      end if;
       v_uleft := v_usd_limit - v_counter.cost_used - v_counter.cost_reserved;
-      if p_price_in is null or p_price_out is null then
+      if v_price_in is null or v_price_out is null then
         v_reason := 'price_unknown';
       elsif v_uleft <= 0 then
         v_reason := 'usd_exhausted';
-      elsif p_prompt_tokens * p_price_in + p_price_out + c_cent_slack > v_uleft then
+      elsif p_prompt_tokens * v_price_in + v_price_out + c_cent_slack > v_uleft then
         v_reason := 'prompt_exceeds_usd';
-      elsif p_price_out > 0 then
-        v_room := floor((v_uleft - p_prompt_tokens * p_price_in - c_cent_slack) / p_price_out);
-        if p_prompt_tokens * p_price_in + v_room * p_price_out + c_cent_slack > v_uleft then
+      elsif v_price_out > 0 then
+        v_room := floor((v_uleft - p_prompt_tokens * v_price_in - c_cent_slack) / v_price_out);
+        if p_prompt_tokens * v_price_in + v_room * v_price_out + c_cent_slack > v_uleft then
           v_room := v_room - 1;  -- the quotient rounded up, as for tokens
         end if;
         v_completion := least(v_completion, v_room);
@@ -297,8 +314,16 @@ begin
     end if;
   end if;
 
+  -- A cap leaves less answer than the caller will start for: refused before anything counts
+  -- (not even the request rate), and the answer it would get is in max_tokens.
+  if v_reason is null and v_completion < p_min_completion then
+    v_reason := 'short_answer_only';
+  end if;
+
   if v_reason is not null then
-    return query select false, v_reason, null::uuid, 0, v_tier, v_token_limit,
+    return query select false, v_reason, null::uuid,
+      case when v_reason = 'short_answer_only' then v_completion::integer else 0 end,
+      v_tier, v_token_limit,
       v_counter.used, v_counter.reserved, v_start, v_resets, v_weight, v_daily_limit,
       coalesce(v_daily.used, 0::bigint), v_usd_limit, v_counter.cost_used, v_rpm,
       null::bigint;
@@ -307,8 +332,10 @@ begin
 
   if v_weight > 0 then
     v_amount := ceil((p_prompt_tokens + v_completion) * v_weight);
-    v_cost := coalesce(p_prompt_tokens * p_price_in + v_completion * p_price_out + c_cent_slack,
-                       0);
+    -- Dollars are held only under a dollar cap: they are what it is checked against.
+    if v_usd_limit is not null then
+      v_cost := p_prompt_tokens * v_price_in + v_completion * v_price_out + c_cent_slack;
+    end if;
   else
     v_amount := 0;
   end if;
@@ -396,13 +423,17 @@ begin
            coalesce(res.weight, vtai_model_weight(i.r ->> 'model')) as weight,
            greatest(coalesce((i.r ->> 'total_tokens')::integer, i.prompt + i.completion), 0)
              as total,
-           coalesce((i.r ->> 'total_cost')::numeric, 0) as cost
-    from input i left join reservations res on res.id = i.reservation_id
+           coalesce((i.r ->> 'total_cost')::numeric, 0) as cost,
+           res.cost as held_cost
+    from input i
+    -- only the row's own user's reservation: a row can't settle someone else's
+    left join reservations res on res.id = i.reservation_id and res.end_user = i.end_user
   ), inserted as (
     insert into request_logs (
       litellm_call_id, created_at, end_user, session_id, model, provider, status,
       prompt_tokens, completion_tokens, total_tokens, total_cost, response_time, period_start,
-      messages, response, error, additional_details, weight, counted_tokens, day_start
+      messages, response, error, additional_details, weight, counted_tokens, day_start,
+      source, api_key_id
     )
     select l.call_id, l.created, l.end_user, l.r ->> 'session_id',
            coalesce(l.r ->> 'model', ''), l.r ->> 'provider', l.r ->> 'status',
@@ -410,7 +441,8 @@ begin
            (l.r ->> 'response_time')::real, l.start,
            l.r -> 'messages', l.r -> 'response', l.r -> 'error',
            coalesce(l.r -> 'additional_details', '{}'::jsonb),
-           l.weight, ceil(l.total * l.weight)::bigint, l.day
+           l.weight, ceil(l.total * l.weight)::bigint, l.day,
+           l.r ->> 'source', (l.r ->> 'api_key_id')::uuid
     from located l
     order by l.call_id
     on conflict (litellm_call_id) do nothing
@@ -419,12 +451,16 @@ begin
   ), settled as (
     select ins.end_user, ins.period_start, ins.day_start as day, ins.total_tokens,
            ins.counted_tokens,
-           case when ins.weight > 0 then ins.total_cost else 0 end as cost, l.reservation_id
+           -- against the dollar cap: never more than the reservation held for it
+           case when ins.weight = 0 then 0
+                when l.held_cost > 0 then least(ins.total_cost, l.held_cost)
+                else ins.total_cost end as cost,
+           l.reservation_id
     from inserted ins join located l on l.call_id = ins.litellm_call_id
     where ins.end_user is not null
   ), released as (
     delete from reservations res using settled s
-    where res.id = s.reservation_id
+    where res.id = s.reservation_id and res.end_user = s.end_user
     returning s.end_user, res.period_start as held_start, res.day_start as held_day, res.amount,
               res.cost
   ), moves as (
@@ -624,7 +660,7 @@ revoke all on function
   public.vtai_model_weight(text),
   public.vtai_model_allowed(text[], text),
   public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz, text, numeric, numeric,
-                      boolean),
+                      boolean, integer),
   public.vtai_record_batch(jsonb, text),
   public.vtai_record(jsonb, text),
   public.vtai_release(uuid, uuid),
@@ -636,7 +672,7 @@ grant execute on function
   public.vtai_model_weight(text),
   public.vtai_model_allowed(text[], text),
   public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz, text, numeric, numeric,
-                      boolean),
+                      boolean, integer),
   public.vtai_record_batch(jsonb, text),
   public.vtai_record(jsonb, text),
   public.vtai_release(uuid, uuid),

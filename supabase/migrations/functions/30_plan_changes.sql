@@ -1,3 +1,4 @@
+-- version: 1
 -- Plan changes reach every running app process at once: a NOTIFY on channel `vtai_plans` when
 -- a tier, a weight rule, the catalogue or a user's tier changes (vtai/metering/plan_watch.py).
 -- A process then gives back the reservations its chats took ahead for their next turn (they
