@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import uuid
 
 import asyncpg
 import httpx
@@ -19,8 +18,9 @@ import pytest
 
 from tests.browser import running_app
 from tests.chainlit_client import chat
-from tests.conftest import add_user, create_database, drop_database
+from tests.conftest import create_database, drop_database
 from tests.fake_provider import FakeProvider
+from tests.metered_app import MeteredApp
 from vtai.api import keys
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -36,27 +36,12 @@ def provider():
     p.stop()
 
 
-class App:
-    def __init__(self, base: str, db_url: str):
-        self.base = base
-        self.db_url = db_url
-
-    async def sql(self, query: str, *args):
-        conn = await asyncpg.connect(self.db_url)
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
+class App(MeteredApp):
     async def user_with_key(self, **plan):
         """A user on a tier of their own, and a key of theirs."""
-        tier = f"t{uuid.uuid4().hex[:8]}"
-        columns = ", ".join(["name", "rank", *plan])
-        values = ", ".join(f"${i}" for i in range(1, len(plan) + 3))
-        await self.sql(f"insert into tiers ({columns}) values ({values})", tier, 9, *plan.values())
+        user, _ = await self.user_on_plan(**plan)
         conn = await asyncpg.connect(self.db_url)
         try:
-            user = await add_user(conn, tier=tier)
             _, plain = await keys.create(conn, user.id, "test key", actor="test")
         finally:
             await conn.close()
@@ -64,31 +49,6 @@ class App:
 
     def client(self, key: str, **kw) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=key, **kw)
-
-    async def rows(self, user, count: int, timeout: float = 30.0) -> list:
-        async with asyncio.timeout(timeout):
-            while True:
-                rows = await self.sql(
-                    "select * from request_logs where end_user = $1 order by id", user.id
-                )
-                if len(rows) >= count:
-                    return rows
-                await asyncio.sleep(0.1)
-
-    async def settled(self, user, timeout: float = 30.0) -> int:
-        """The user's counted tokens once nothing of theirs is reserved."""
-        async with asyncio.timeout(timeout):
-            while True:
-                (row,) = await self.sql(
-                    "select coalesce(sum(used), 0)::bigint as used,"
-                    " coalesce(sum(reserved), 0)::bigint as reserved"
-                    " from usage_counters where end_user = $1",
-                    user.id,
-                )
-                held = await self.sql("select 1 from reservations where end_user = $1", user.id)
-                if not held and row["reserved"] == 0:
-                    return row["used"]
-                await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +178,19 @@ async def test_errors_come_in_openai_shape_and_map_to_the_sdk_classes(app, provi
         assert r.status_code == 403
         models = await http.get("/v1/models", headers=auth)
         assert [m["id"] for m in models.json()["data"]] == ["local/smollm2-135m"]
-    # The authenticated refusals are rows, as in the chat; the malformed bodies are not.
-    reasons = sorted(
-        json.loads(r["additional_details"]).get("reason")
-        for r in await app.rows(user, 3)
-        if r["status"] == "refused"
-    )
-    assert reasons == ["message_too_long", "model_not_allowed", "model_not_offered"]
+    # Every refusal of a known key is a row, as in the chat (the cross-origin 403 never
+    # reached the API); nothing of a refused body is kept.
+    rows = await app.rows(user, 7)
+    reasons = sorted(json.loads(r["additional_details"]).get("reason") for r in rows)
+    assert reasons == [
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "message_too_long",
+        "model_not_allowed",
+        "model_not_offered",
+        "request_too_large",
+    ] and all(r["status"] == "refused" and r["total_tokens"] == 0 for r in rows)
 
 
 async def test_a_hard_quota_is_429_and_the_sdk_does_not_retry_it(app, provider):

@@ -195,6 +195,21 @@ def _refused(outcome: TurnOutcome) -> Response:
     return errors.refusal(reason, outcome.notice or reason, grant)
 
 
+def _refused_row(services, owner, reason: str, notice: str) -> None:
+    """A known key's request refused before it was a turn is still a ledger row (charged 0),
+    as every refusal of a known user is; written in the background, like a turn's refusal."""
+    req = TurnRequest(
+        user_id=owner.user_id,
+        session_id=f"api:{owner.key_id}",
+        model="",
+        history=[],
+        text="",
+        source="api",
+        api_key_id=owner.key_id,
+    )
+    services.runner.refuse(req, notice, reason=reason)
+
+
 class Turn:
     """One API turn running in its own task, its tokens on a queue (None: the turn ended)."""
 
@@ -256,10 +271,12 @@ async def chat_completions(request: Request) -> Response:
     services = _services()
     raw = await _body(request, services.settings.max_body_bytes)
     if isinstance(raw, Response):
+        _refused_row(services, owner, "request_too_large", "the body was over the limit")
         return raw
     try:
         call = parse(raw)
     except BadRequest as exc:
+        _refused_row(services, owner, "bad_request", str(exc))
         return errors.error(400, str(exc), "invalid_request_error", "invalid_request")
     turn = Turn(services, _request(owner, call, services.settings.max_message_chars))
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

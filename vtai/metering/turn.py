@@ -392,6 +392,11 @@ class TurnRunner:
         if self.catalogue is not None:
             await self.catalogue.fresh()
 
+    def refuse(self, req: TurnRequest, notice: str, **details) -> TurnOutcome:
+        """A request refused before it is a turn (the API's malformed or oversized bodies):
+        one row, charged 0, as every refusal of a known user is. Nothing of the body is kept."""
+        return self._refuse(req, str(uuid.uuid4()), notice, None, [], **details)
+
     def _refuse(
         self,
         req: TurnRequest,
