@@ -96,6 +96,9 @@ async def test_wrong_password_is_refused_and_empty_message_explained(db_url, con
         await login(page, base, "carol")
         reply = await send(page, "/usage")
         assert "0 / 10,000 tokens used" in reply
+        # The way to the same quota from code, one click away.
+        await page.get_by_role("link", name="/account").click()
+        await page.wait_for_selector("text=API keys", timeout=30_000)
     assert await conn.fetchval("select count(*) from request_logs") == 0
 
 

@@ -235,9 +235,11 @@ async def show_usage() -> None:
     weight = entry.get(model).weight if entry is not None and entry.get(model) else None
     line = quota.describe_usage(usage, weight)
     chart = quota.daily_chart(days[-31:])
+    # The same quota from scripts: keys are made on /account (it needs the database URL).
+    keys = "\n\nUse it from code: API keys on [/account](/account)." if services().db else ""
     await cl.Message(
         content=f"**Usage this {services().settings.usage_period}**\n\n{line}\n\n"
-        f"```text\n{chart}\n```"
+        f"```text\n{chart}\n```{keys}"
     ).send()
 
 
