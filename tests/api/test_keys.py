@@ -4,6 +4,7 @@ asks the same SQL function over REST in REST-only mode."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -239,8 +240,31 @@ async def test_owner_through_the_running_services(services, conn):
 async def test_owner_raises_only_when_the_database_cant_be_asked(db_url):
     closed = await asyncpg.create_pool(db_url, min_size=1, max_size=1)
     await closed.close()
-    with pytest.raises(keys.KeysUnavailable, match="API key lookup failed"):
+    with pytest.raises(keys.KeysUnavailable, match="can't be checked right now"):
         await keys.owner(direct(closed), keys.new_key())
+
+
+async def test_made_up_keys_are_remembered_and_lookups_never_take_the_gates_pool(db_url):
+    """A flood of made-up keys: each is asked once, and at most LOOKUPS at a time, so chat
+    turns always find a connection in the gate's pool."""
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=5)
+    asked = []
+
+    class Counting:
+        async def fetchrow(self, query, *args):
+            asked.append(args)
+            return await pool.fetchrow(query, *args)
+
+        async def fetchval(self, query, *args):
+            return await pool.fetchval(query, *args)
+
+    try:
+        made_up = [keys.new_key() for _ in range(20)]
+        await asyncio.gather(*(keys.owner(direct(Counting()), k) for k in made_up * 3))
+        assert len(asked) == len(made_up)  # each asked once, then remembered as unknown
+        assert keys._lookups._value == keys.LOOKUPS  # every lookup gave its place back
+    finally:
+        await pool.close()
 
 
 async def test_rest_only_mode_asks_the_same_function_over_rpc(db_url, conn):

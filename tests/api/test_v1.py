@@ -165,6 +165,17 @@ async def test_errors_come_in_openai_shape_and_map_to_the_sdk_classes(app, provi
             "/v1/chat/completions", headers=auth, json={"model": MODEL, "messages": "hi"}
         )
         assert r.status_code == 400
+        deep = await http.post(
+            "/v1/chat/completions", headers=auth, content=b"[" * 50_000 + b"]" * 50_000
+        )
+        assert deep.status_code == 413  # over this app's 64 KiB before it is even parsed
+        deep = await http.post("/v1/chat/completions", headers=auth, content=b"[" * 30_000)
+        assert deep.status_code == 400 and "nested too deeply" in deep.text
+        many = [{"role": "user", "content": "hi"}] * 257
+        r = await http.post(
+            "/v1/chat/completions", headers=auth, json={"model": MODEL, "messages": many}
+        )
+        assert r.status_code == 400 and "at most 256" in r.json()["error"]["message"]
         r = await http.post(
             "/v1/chat/completions", headers=auth, content=b"{" + b" " * 70_000 + b"}"
         )
@@ -180,15 +191,18 @@ async def test_errors_come_in_openai_shape_and_map_to_the_sdk_classes(app, provi
         assert [m["id"] for m in models.json()["data"]] == ["local/smollm2-135m"]
     # Every refusal of a known key is a row, as in the chat (the cross-origin 403 never
     # reached the API); nothing of a refused body is kept.
-    rows = await app.rows(user, 7)
+    rows = await app.rows(user, 10)
     reasons = sorted(json.loads(r["additional_details"]).get("reason") for r in rows)
     assert reasons == [
+        "bad_request",
+        "bad_request",
         "bad_request",
         "bad_request",
         "bad_request",
         "message_too_long",
         "model_not_allowed",
         "model_not_offered",
+        "request_too_large",
         "request_too_large",
     ] and all(r["status"] == "refused" and r["total_tokens"] == 0 for r in rows)
 

@@ -110,7 +110,7 @@ def _services_limits() -> dict[str, int]:
 async def _body(request: Request):
     try:
         return await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -169,7 +169,7 @@ def build_router(
     async def api_set_tier(user_id: uuid.UUID, request: Request, admin: Admin):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         tier = body.get("tier") if isinstance(body, dict) else None
         if not isinstance(tier, str) or not tier:

@@ -54,7 +54,7 @@ def _services_period() -> str:
 async def _body(request: Request):
     try:
         return await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

@@ -13,10 +13,12 @@ who did it: the user themself (their username), an admin (theirs) or `cli:<OS us
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -291,6 +293,29 @@ def _owner(row) -> KeyOwner | None:
     return KeyOwner(uuid.UUID(str(row["key_id"])), uuid.UUID(str(row["user_id"])), row["label"])
 
 
+# Hashes of keys recently found unknown, so a flood of made-up keys can't keep the gate's
+# connections busy (a key is 256 random bits: one made up now won't be created later).
+_UNKNOWN: dict[str, float] = {}
+UNKNOWN_KEPT = 10_000
+UNKNOWN_FOR = 300.0
+# Lookups in flight at once, and how long one waits for its turn before the API says 503:
+# chat turns share the gate's pool and must always find a connection.
+LOOKUPS = 2
+LOOKUP_WAIT = 2.0
+_lookups: asyncio.Semaphore | None = None
+
+
+def _known_unknown(digest: str) -> bool:
+    at = _UNKNOWN.get(digest)
+    return at is not None and time.monotonic() - at < UNKNOWN_FOR
+
+
+def _remember_unknown(digest: str) -> None:
+    if len(_UNKNOWN) >= UNKNOWN_KEPT:
+        _UNKNOWN.pop(next(iter(_UNKNOWN)))
+    _UNKNOWN[digest] = time.monotonic()
+
+
 async def owner(services: Services, token: str) -> KeyOwner | None:
     """Whose key `token` is: None for a malformed, unknown, revoked or expired key, or one whose
     user is disabled or deleted. Never raises for bad input; raises KeysUnavailable (one line)
@@ -299,15 +324,32 @@ async def owner(services: Services, token: str) -> KeyOwner | None:
     Direct database: the gate's pool (a lookup never queues behind ledger writes). REST-only
     mode: the same function over PostgREST RPC with the service key.
     """
+    global _lookups
     if not well_formed(token):
         return None
     digest = hash_key(token)
+    if _known_unknown(digest):
+        return None
+    if _lookups is None:
+        _lookups = asyncio.Semaphore(LOOKUPS)
     try:
-        if services.db is not None:
-            pool = services.db.gate_pool or services.db.pool
-            row = await pool.fetchrow("select * from public.vtai_api_key_owner($1)", digest)
-            return _owner(row)
-        return _owner(await services.store.api_key_owner(digest))
+        async with asyncio.timeout(LOOKUP_WAIT):
+            await _lookups.acquire()
+    except TimeoutError:
+        raise KeysUnavailable("API key lookups are saturated: try again shortly") from None
+    try:
+        if _known_unknown(digest):  # found unknown while this one waited its turn
+            return None
+        if services.db is None:
+            return _owner(await services.store.api_key_owner(digest))
+        pool = services.db.gate_pool or services.db.pool
+        found = _owner(await pool.fetchrow("select * from public.vtai_api_key_owner($1)", digest))
+        # Only a key that doesn't exist is remembered: a disabled user may be enabled again.
+        if found is None and not await pool.fetchval(
+            "select exists (select 1 from public.api_keys where key_hash = $1)", digest
+        ):
+            _remember_unknown(digest)
+        return found
     except Exception as exc:
         text = str(exc).splitlines()[0] if str(exc) else ""
         missing = "vtai_api_key_owner" in text and (
@@ -319,4 +361,7 @@ async def owner(services: Services, token: str) -> KeyOwner | None:
             if missing
             else type(exc).__name__
         )
-        raise KeysUnavailable(f"API key lookup failed ({hint})") from exc
+        log.error("API key lookup failed: %s", hint)
+        raise KeysUnavailable("API keys can't be checked right now: try again shortly") from exc
+    finally:
+        _lookups.release()

@@ -28,6 +28,9 @@ from vtai.metering.turn import TurnOutcome, TurnRequest, oversize
 log = logging.getLogger(__name__)
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
+# Messages in one request: fitting a history to the context recounts it, and past this many a
+# request could hold the event loop (every chat on the server) for seconds.
+MAX_MESSAGES = 256
 # Requests refused before a key was recognised: counted here, never stored.
 unauthenticated = 0
 
@@ -118,6 +121,8 @@ def parse(raw: bytes) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not JSON") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     model = body.get("model")
@@ -126,6 +131,8 @@ def parse(raw: bytes) -> dict:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"messages: at most {MAX_MESSAGES} in one request")
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -134,6 +141,8 @@ def parse(raw: bytes) -> dict:
         clean.append({"role": role, "content": _text(m.get("content"), f"messages[{i}]")})
     if clean[-1]["role"] != "user":
         raise BadRequest("the last message must be the user's")
+    if not clean[-1]["content"].strip():
+        raise BadRequest("the last message is empty")
     limit = _whole(body, "max_completion_tokens") or _whole(body, "max_tokens")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -188,8 +197,14 @@ def _refused(outcome: TurnOutcome) -> Response:
     if outcome.kind == "invalid":
         return errors.error(400, outcome.notice or "invalid", "invalid_request_error")
     if outcome.kind == "failed":
+        # Not retried by the SDKs: a failed call may already be charged its prompt.
+        timed_out = "did not answer within" in (outcome.notice or "")
         return errors.error(
-            502, outcome.notice or "the model failed", "api_error", "upstream_error"
+            504 if timed_out else 502,
+            outcome.notice or "the model failed",
+            "api_error",
+            "upstream_timeout" if timed_out else "upstream_error",
+            {"x-should-retry": "false"},
         )
     reason = outcome.reason or (grant.reason if grant is not None else "invalid")
     return errors.refusal(reason, outcome.notice or reason, grant)
@@ -315,7 +330,11 @@ async def chat_completions(request: Request) -> Response:
                 }
             ],
             "usage": _usage(outcome),
-        }
+        },
+        # The oldest messages left out to fit the model's window or the quota: said, not silent.
+        headers={"x-vtai-notice": outcome.notice.encode("ascii", "replace").decode()}
+        if outcome.notice
+        else None,
     )
 
 
