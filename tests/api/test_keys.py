@@ -249,11 +249,17 @@ async def test_made_up_keys_are_remembered_and_lookups_never_take_the_gates_pool
     turns always find a connection in the gate's pool."""
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=5)
     asked = []
+    at_once = [0, 0]  # now, most
 
     class Counting:
         async def fetchrow(self, query, *args):
             asked.append(args)
-            return await pool.fetchrow(query, *args)
+            at_once[0] += 1
+            at_once[1] = max(at_once)
+            try:
+                return await pool.fetchrow(query, *args)
+            finally:
+                at_once[0] -= 1
 
         async def fetchval(self, query, *args):
             return await pool.fetchval(query, *args)
@@ -262,6 +268,7 @@ async def test_made_up_keys_are_remembered_and_lookups_never_take_the_gates_pool
         made_up = [keys.new_key() for _ in range(20)]
         await asyncio.gather(*(keys.owner(direct(Counting()), k) for k in made_up * 3))
         assert len(asked) == len(made_up)  # each asked once, then remembered as unknown
+        assert at_once[1] == keys.LOOKUPS  # never more than LOOKUPS of the gate's connections
         assert keys._lookups._value == keys.LOOKUPS  # every lookup gave its place back
     finally:
         await pool.close()

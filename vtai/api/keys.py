@@ -322,14 +322,34 @@ async def owner(services: Services, token: str) -> KeyOwner | None:
     only when the database can't be asked.
 
     Direct database: the gate's pool (a lookup never queues behind ledger writes). REST-only
-    mode: the same function over PostgREST RPC with the service key.
+    mode: the same function over PostgREST RPC with the service key. Concurrent requests with
+    the same key share one lookup, so a burst of one made-up key asks the database once.
     """
-    global _lookups
     if not well_formed(token):
         return None
     digest = hash_key(token)
     if _known_unknown(digest):
         return None
+    shared = _in_flight.get(digest)
+    if shared is None:
+        shared = asyncio.ensure_future(_look_up(services, digest))
+        _in_flight[digest] = shared
+        shared.add_done_callback(lambda f: _settled(digest, f))
+    return await asyncio.shield(shared)
+
+
+# Lookups under way, by key hash: callers with the same key await the same one.
+_in_flight: dict[str, asyncio.Future] = {}
+
+
+def _settled(digest: str, done: asyncio.Future) -> None:
+    _in_flight.pop(digest, None)
+    if not done.cancelled():
+        done.exception()  # retrieved: every caller may have gone (a disconnect) before it ended
+
+
+async def _look_up(services: Services, digest: str) -> KeyOwner | None:
+    global _lookups
     if _lookups is None:
         _lookups = asyncio.Semaphore(LOOKUPS)
     try:
