@@ -40,7 +40,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-PERIODS = ("day", "week", "month", "lifetime")
+PERIODS = ("day", "week", "month", "lifetime", "billing")
 FAIL_MODES = ("closed", "open")
 RESERVE_COMMITS = ("durable", "fast")
 LOG_CONTENT_MODES = ("full", "none", "redacted")
@@ -215,6 +215,34 @@ def _data_dir(value: Any) -> Path:
     if isinstance(value, str):
         value = _blank_is_unset(value) or ".vtai"
     return Path(value).expanduser().resolve()
+
+
+def _stripe_prices(value: Any) -> Any:
+    """VTAI_STRIPE_PRICES: a JSON object from Stripe Price ids to a tier name or to a top-up
+    pack, {"price_abc": "premium", "price_def": {"topup_tokens": 50000}}."""
+    if isinstance(value, str):
+        value = value.strip() or "{}"
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise _bad(f"not JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, Mapping):
+        raise _bad('expected a JSON object such as {"price_abc": "premium"}')
+    prices: dict[str, Any] = {}
+    for price, what in value.items():
+        if not isinstance(price, str) or not price.strip():
+            raise _bad("a Price id is blank")
+        if isinstance(what, str) and what.strip():
+            prices[price] = what.strip()
+            continue
+        tokens = what.get("topup_tokens") if isinstance(what, Mapping) else None
+        extra = set(what) - {"topup_tokens"} if isinstance(what, Mapping) else set()
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0 or extra:
+            raise _bad(
+                f'{price}: expected a tier name or {{"topup_tokens": N}} with N above 0'
+            )
+        prices[price] = {"topup_tokens": tokens}
+    return prices
 
 
 Whole = Annotated[int, BeforeValidator(_whole)]
@@ -392,6 +420,36 @@ class Settings(BaseSettings):
         None, validation_alias=_var("VTAI_OPENROUTER_BASE")
     )
 
+    # --- Billing (vtai.billing; docs/billing.md). Off without STRIPE_SECRET_KEY. ----------------
+    stripe_secret_key: Secret = Field(None, validation_alias=_var("STRIPE_SECRET_KEY"))
+    stripe_webhook_secret: Secret = Field(None, validation_alias=_var("STRIPE_WEBHOOK_SECRET"))
+    stripe_prices: Annotated[dict[str, Any], NoDecode, BeforeValidator(_stripe_prices)] = Field(
+        default_factory=dict, validation_alias=_var("VTAI_STRIPE_PRICES")
+    )
+    # Stripe's API base: unset, api.stripe.com; tests point it at localstripe.
+    stripe_api_base: Annotated[Text, _optional(_http_url)] = Field(
+        None, validation_alias=_var("VTAI_STRIPE_API_BASE")
+    )
+    billing_grace_days: Annotated[Whole, _at_least(0)] = Field(
+        7, validation_alias=_var("VTAI_BILLING_GRACE_DAYS")
+    )
+
+    # --- Accounts: self sign-up and password reset by email (vtai.accounts) ------------------
+    signup: Annotated[bool, BeforeValidator(_on_off)] = Field(
+        False, validation_alias=_var("VTAI_SIGNUP")
+    )
+    smtp_host: Text = Field(None, validation_alias=_var("VTAI_SMTP_HOST"))
+    smtp_port: Annotated[Whole, _at_least(1), _at_most(65535)] = Field(
+        587, validation_alias=_var("VTAI_SMTP_PORT")
+    )
+    smtp_user: Text = Field(None, validation_alias=_var("VTAI_SMTP_USER"))
+    smtp_password: Secret = Field(None, validation_alias=_var("VTAI_SMTP_PASSWORD"))
+    smtp_from: Text = Field(None, validation_alias=_var("VTAI_SMTP_FROM"))
+    # STARTTLS before login (on for port 587 servers; off for a local relay or a test server).
+    smtp_starttls: Annotated[bool, BeforeValidator(_on_off)] = Field(
+        True, validation_alias=_var("VTAI_SMTP_STARTTLS")
+    )
+
     # --- Reading the environment ---------------------------------------------------------------
 
     def __init__(self, **values: Any) -> None:
@@ -456,10 +514,22 @@ class Settings(BaseSettings):
             (n for n in ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_SERVICE_KEY") if n in given),
             "SUPABASE_SERVICE_ROLE_KEY",
         )
-        problem = settings._supabase_problem(service_var)
+        problem = settings._supabase_problem(service_var) or settings._billing_problem()
         if problem:
             raise _bad(problem)
         return settings
+
+    def _billing_problem(self) -> str | None:
+        if self.stripe_secret_key is None:
+            return None
+        if self.stripe_webhook_secret is None:
+            return (
+                "STRIPE_WEBHOOK_SECRET: billing (STRIPE_SECRET_KEY) needs the webhook's signing "
+                "secret (whsec_..., Stripe dashboard -> Developers -> Webhooks)"
+            )
+        if _reveal(self.stripe_secret_key).startswith("pk_"):
+            return "STRIPE_SECRET_KEY holds a publishable key (pk_...): use the secret key (sk_...)"
+        return None
 
     def _supabase_problem(self, service_var: str) -> str | None:
         service = _reveal(self.supabase_service_key)
@@ -529,6 +599,16 @@ class Settings(BaseSettings):
     def supabase_auth(self) -> bool:
         """Password logins go to Supabase Auth rather than VT.ai's own credential store."""
         return self.supabase_url is not None and self.supabase_anon_key is not None
+
+    @property
+    def billing(self) -> bool:
+        """Stripe billing is on (vtai.billing): a secret key is set."""
+        return self.stripe_secret_key is not None
+
+    @property
+    def email(self) -> bool:
+        """Mail can be sent (password reset): an SMTP host and a From address are set."""
+        return self.smtp_host is not None and self.smtp_from is not None
 
     @property
     def spool_dir(self) -> Path:
