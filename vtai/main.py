@@ -6,8 +6,11 @@ import chainlit as cl
 import chainlit.server
 
 from vtai import launch
+from vtai.accounts import routes as accounts
 from vtai.admin import routes as admin
 from vtai.api import routes as api
+from vtai.billing import routes as billing
+from vtai.ops import routes as ops
 from vtai.settings import load_settings
 from vtai.ui import chat, feedback_guard, history, socket_guard
 from vtai.web import origins, sessions, uploads
@@ -16,6 +19,12 @@ from vtai.web import origins, sessions, uploads
 admin.register(chainlit.server.app)
 # /v1: the OpenAI-compatible API, metered by the same turn path as the chat.
 api.register(chainlit.server.app)
+# /healthz, /readyz and /metrics.
+ops.register(chainlit.server.app)
+# /billing/*: checkout, the customer portal and Stripe's webhook (off without STRIPE_SECRET_KEY).
+billing.register(chainlit.server.app)
+# /signup and /reset: accounts people make and recover themselves.
+accounts.register(chainlit.server.app)
 # Who may call the app, whose login still holds, and what a chat client may send.
 _settings = load_settings()
 # `chainlit run vtai/main.py` works without `make run`: Chainlit checks for its secret after

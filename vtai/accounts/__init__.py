@@ -1,0 +1,1 @@
+"""Accounts people make and keep themselves: sign-up, password change and reset by email."""
