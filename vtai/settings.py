@@ -238,9 +238,7 @@ def _stripe_prices(value: Any) -> Any:
         tokens = what.get("topup_tokens") if isinstance(what, Mapping) else None
         extra = set(what) - {"topup_tokens"} if isinstance(what, Mapping) else set()
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0 or extra:
-            raise _bad(
-                f'{price}: expected a tier name or {{"topup_tokens": N}} with N above 0'
-            )
+            raise _bad(f'{price}: expected a tier name or {{"topup_tokens": N}} with N above 0')
         prices[price] = {"topup_tokens": tokens}
     return prices
 
