@@ -1,5 +1,9 @@
-"""HTTP routes of vtai.billing (being built)."""
+"""The billing routes: Stripe's webhook (webhook.py) and the user's way to pay (checkout.py)."""
+
+from vtai.billing import checkout, webhook
 
 
 def register(app) -> None:
-    """Add this package's routes to Chainlit's FastAPI app, ahead of its catch-all page."""
+    """Add /billing/* to Chainlit's FastAPI app, ahead of its catch-all page route."""
+    webhook.register(app)
+    checkout.register(app)

@@ -1,0 +1,5 @@
+"""(being built)"""
+
+
+def register(app) -> None:
+    """Add this module's routes."""
