@@ -111,12 +111,15 @@ class Usage:
     usd_used: float = 0.0
     rpm: int | None = None
     models: tuple[str, ...] = ("*",)
+    # Top-up tokens left in live grants (on top of token_limit), and the earliest expiry.
+    topup_left: int = 0
+    topup_until: datetime | None = None
 
     @property
     def remaining(self) -> int | None:
         if self.token_limit is None:
             return None
-        return max(self.token_limit - self.used, 0)
+        return max(self.token_limit - self.used, 0) + self.topup_left
 
 
 def usage_of(row) -> Usage:
@@ -126,6 +129,7 @@ def usage_of(row) -> Usage:
         if data.get(key) is not None:
             data[key] = float(data[key])
     data["models"] = tuple(data.get("models") or ())
+    data["topup_left"] = int(data.get("topup_left") or 0)
     return Usage(**data)
 
 

@@ -199,7 +199,7 @@ class SupabaseStore:
         if not rows:
             return None
         row = dict(rows[0])
-        for key in ("period_start", "resets_at", "day_resets_at"):
+        for key in ("period_start", "resets_at", "day_resets_at", "topup_until"):
             row[key] = _datetime(row.get(key))
         return usage_of(row)
 

@@ -1,5 +1,5 @@
 -- The money functions: reserve, record (settle), release, usage, verify.
--- version: 1 (raise it with every change: a database refuses a build whose file is older)
+-- version: 2 (raise it with every change: a database refuses a build whose file is older)
 --
 -- A function file, not a migration: VT.ai re-applies it, in one transaction, whenever its text
 -- differs from the text last applied to the database (vtai/db/migrations.py, docs/supabase.md
@@ -18,6 +18,11 @@
 --   in key order, so concurrent batches queue instead of deadlocking; vtai_reserve() takes the
 --   period counter first but only touches reservations with SKIP LOCKED, and takes the day
 --   counter after the period counter, so the two cannot deadlock either.
+-- * Top-up grants (token_grants) add to the period's token limit, never to the daily or
+--   dollar caps. The tier's own tokens go first: a settle charges grants only with what it
+--   counts past the tier's limit, earliest expiry first. So room = max(limit - used, 0) +
+--   tokens left in live grants - reserved. Grants are read under the period counter's lock
+--   and changed only under it (settle, refund), so they can't be spent twice.
 -- * Counted tokens = ceil(raw tokens x the model's weight). Weight 0 (exempt): nothing counts
 --   against the token, daily and dollar caps, but the request rate still applies.
 
@@ -141,6 +146,7 @@ declare
   v_cat_in numeric;
   v_cat_out numeric;
   v_remaining bigint;
+  v_topup bigint := 0;
   v_id uuid;
   -- The ledger keeps a row's cost to 8 decimals, rounded: a reservation holds one unit more,
   -- so a settled row never costs more than was reserved for it.
@@ -241,6 +247,16 @@ begin
     -- 3. Tokens for the period, in counted tokens; v_room is raw tokens of prompt + answer.
     if v_token_limit is not null then
       v_left := v_token_limit - v_counter.used - v_counter.reserved;
+      -- Grants are read only when the tier's own tokens can't hold the whole turn, so the
+      -- common reserve pays nothing for them.
+      if v_left < ceil((p_prompt_tokens::numeric + p_max_completion) * v_weight) then
+        select coalesce(sum(g.tokens - g.used), 0) into v_topup
+        from token_grants g
+        where g.end_user = p_user and g.used < g.tokens and g.expires_at > p_now;
+        if v_topup > 0 then
+          v_left := greatest(v_token_limit - v_counter.used, 0) + v_topup - v_counter.reserved;
+        end if;
+      end if;
       if v_left <= 0 then
         v_reason := 'quota_exhausted';
       else
@@ -367,7 +383,8 @@ begin
 
   -- What is left under the tightest token cap after this reservation, in counted tokens.
   if v_weight > 0 then
-    v_remaining := least(v_token_limit - v_counter.used - v_counter.reserved,
+    v_remaining := least(greatest(v_token_limit - v_counter.used, 0) + v_topup
+                           - v_counter.reserved,
                          v_dleft - v_amount);
   end if;
 
@@ -390,6 +407,7 @@ set search_path = public, pg_temp
 as $$
 declare
   v_result boolean[];
+  v_overflow jsonb;
 begin
   if jsonb_typeof(p_rows) is distinct from 'array' then
     raise exception 'vtai_record_batch expects a JSON array of rows' using errcode = '22023';
@@ -488,7 +506,16 @@ begin
           select p.freed_cost from per_counter p
           where p.end_user = c.end_user and p.period_start = c.period_start), 0),
         updated_at = now()
-    returning 1
+    returning c.end_user, c.period_start, c.used
+  ), overflow as (
+    -- What this batch counted past the tier's token limit is paid from grants.
+    select k.end_user,
+           greatest(k.used - greatest(k.used - pc.used, t.token_limit), 0) as tokens
+    from counted k
+    join per_counter pc on pc.end_user = k.end_user and pc.period_start = k.period_start
+    join profiles p on p.id = k.end_user
+    join tiers t on t.name = p.tier
+    where t.token_limit is not null and k.used > t.token_limit
   ), day_moves as (
     select s.end_user, s.day, s.counted_tokens as used, 0::bigint as freed
     from settled s where s.counted_tokens > 0 and s.day is not null
@@ -516,11 +543,34 @@ begin
   )
   select coalesce(
            array_agg(ins.litellm_call_id is not null and i.ord = el.ord order by el.ord),
-           '{}')
-  into v_result
+           '{}'),
+         (select jsonb_object_agg(o.end_user, o.tokens) from (
+            select ov.end_user, sum(ov.tokens) as tokens from overflow ov
+            where ov.tokens > 0 group by ov.end_user) o)
+  into v_result, v_overflow
   from elements el
   left join input i on i.call_id = el.call_id
   left join inserted ins on ins.litellm_call_id = el.call_id;
+
+  -- Grants pay for what was counted past the tier's limit, earliest expiry first. A statement
+  -- of its own: the one above read the grants before it waited for the counters' locks, and
+  -- only now, holding them, are the grants' `used` settled (they change only under them).
+  if v_overflow is not null then
+    with takes as (
+      select g.id,
+             least(g.tokens - g.used,
+                   greatest((v_overflow ->> g.end_user::text)::bigint
+                            - coalesce(sum(g.tokens - g.used) over (
+                                partition by g.end_user order by g.expires_at, g.id
+                                rows between unbounded preceding and 1 preceding), 0), 0))
+               as take
+      from token_grants g
+      where g.end_user in (select k::uuid from jsonb_object_keys(v_overflow) k)
+        and g.used < g.tokens and g.expires_at > now()
+    )
+    update token_grants g set used = least(g.used + t.take, g.tokens)
+    from takes t where g.id = t.id and t.take > 0;
+  end if;
   return v_result;
 end
 $$;
@@ -588,7 +638,9 @@ returns table (
   usd_limit numeric,
   usd_used numeric,
   rpm integer,
-  models text[]
+  models text[],
+  topup_left bigint,
+  topup_until timestamptz
 )
 language sql stable
 security definer
@@ -600,13 +652,19 @@ as $$
          vtai_period_end(p_period, vtai_period_start(p_period, p_now)),
          t.daily_limit, coalesce(d.used, 0),
          vtai_period_start('day', p_now) + interval '1 day',
-         t.usd_limit, coalesce(c.cost_used, 0), t.rpm, t.models
+         t.usd_limit, coalesce(c.cost_used, 0), t.rpm, t.models,
+         coalesce(g.left_tokens, 0), g.until
   from profiles p
   join tiers t on t.name = p.tier
   left join usage_counters c
     on c.end_user = p.id and c.period_start = vtai_period_start(p_period, p_now)
   left join daily_counters d
     on d.end_user = p.id and d.day_start = vtai_period_start('day', p_now)
+  left join lateral (
+    select sum(tg.tokens - tg.used)::bigint as left_tokens, min(tg.expires_at) as until
+    from token_grants tg
+    where tg.end_user = p.id and tg.used < tg.tokens and tg.expires_at > p_now
+  ) g on true
   where p.id = p_user
 $$;
 
