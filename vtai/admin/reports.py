@@ -50,7 +50,9 @@ def _day(at: datetime) -> datetime:
 async def summary(pool: asyncpg.Pool, period: str, now: datetime | None = None) -> dict:
     now = now or datetime.now(UTC)
     today = _day(now)
-    period_start = await pool.fetchval("select public.vtai_period_start($1, $2)", period, now)
+    # Totals over everyone: the calendar month when each subscriber has a period of their own.
+    calendar = "month" if period == "billing" else period
+    period_start = await pool.fetchval("select public.vtai_period_start($1, $2)", calendar, now)
     totals = await pool.fetchrow(
         """
         select
@@ -161,7 +163,11 @@ async def user_table(pool: asyncpg.Pool, period: str, now: datetime | None = Non
         from public.profiles p
         join public.tiers t on t.name = p.tier
         left join public.usage_counters c
-          on c.end_user = p.id and c.period_start = public.vtai_period_start($1, $2)
+          on c.end_user = p.id and c.period_start = case
+            -- a subscriber's own period; else a constant the planner folds once
+            when $1 = 'billing' then
+              (select up.period_start from public.vtai_user_period(p.id, $1, $2) up)
+            else public.vtai_period_start($1, $2) end
         -- the newest hour bucket: one index probe per user, never a scan of the ledger
         left join lateral (
           select a.bucket_start from public.usage_aggregates a

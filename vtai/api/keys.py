@@ -273,10 +273,14 @@ async def usage(conn, key_ids: list[uuid.UUID], period: str) -> dict[uuid.UUID, 
     request_logs_api_key_period_idx, so only the keys' own rows are read)."""
     if not key_ids:
         return {}
+    # Each key's owner's period (a subscriber's own with VTAI_USAGE_PERIOD=billing).
     rows = await conn.fetch(
-        "select api_key_id, coalesce(sum(coalesce(counted_tokens, total_tokens)), 0) as tokens"
-        " from public.request_logs where api_key_id = any($1::uuid[])"
-        " and period_start = public.vtai_period_start($2, now()) group by api_key_id",
+        "select r.api_key_id, coalesce(sum(coalesce(r.counted_tokens, r.total_tokens)), 0)"
+        " as tokens from public.api_keys k"
+        " cross join lateral public.vtai_user_period(k.user_id, $2, now()) up"
+        " join public.request_logs r"
+        " on r.api_key_id = k.id and r.period_start = up.period_start"
+        " where k.id = any($1::uuid[]) group by r.api_key_id",
         key_ids,
         period,
     )

@@ -73,6 +73,66 @@ as $$
   )
 $$;
 
+-- The period a user's usage counts in at p_at: [period_start, period_end). For 'billing'
+-- (VTAI_USAGE_PERIOD=billing) a subscriber's period follows their Stripe subscription's
+-- current period, stepped on by its length (whole months, else its exact length) when p_at
+-- falls outside the one the last webhook stored, so resets need no job and no event; everyone
+-- else, and every other period, keeps the calendar one. One indexed read, in billing mode only.
+create or replace function public.vtai_user_period(p_user uuid, p_period text, p_at timestamptz)
+returns table (period_start timestamptz, period_end timestamptz)
+language plpgsql stable
+security definer
+set search_path = public, pg_temp
+as $$
+declare
+  v_start timestamptz;
+  v_end timestamptz;
+  v_months integer;
+  v_steps integer;
+begin
+  if p_period = 'billing' then
+    select s.current_period_start, s.current_period_end into v_start, v_end
+    from billing_subscriptions s
+    where s.user_id = p_user and s.status in ('active', 'trialing', 'past_due', 'unpaid')
+      and s.current_period_start is not null and s.current_period_end > s.current_period_start
+    order by s.current_period_end desc
+    limit 1;
+    if not found then
+      v_start := vtai_period_start('month', p_at);
+      return query select v_start, vtai_period_end('month', v_start);
+      return;
+    end if;
+    -- Whole months when the stored period is some (Jan 31 -> Feb 28 is one: Stripe keeps
+    -- the anchor's day, clamped to the month's end, as Postgres adds months).
+    select m into v_months from unnest(array[1, 2, 3, 6, 12, 24]) m
+    where ((v_start at time zone 'UTC') + make_interval(months => m)) at time zone 'UTC' = v_end
+    limit 1;
+    if v_months is not null then
+      v_steps := floor(extract(epoch from p_at - v_start)
+                       / extract(epoch from v_end - v_start))::integer;
+      -- whole months from the anchor; the estimate may be one off across short months
+      loop
+        period_start := ((v_start at time zone 'UTC')
+                         + make_interval(months => v_months * v_steps)) at time zone 'UTC';
+        period_end := ((v_start at time zone 'UTC')
+                       + make_interval(months => v_months * (v_steps + 1))) at time zone 'UTC';
+        exit when p_at >= period_start and p_at < period_end;
+        v_steps := v_steps + case when p_at < period_start then -1 else 1 end;
+      end loop;
+    else
+      v_steps := floor(extract(epoch from p_at - v_start)
+                       / extract(epoch from v_end - v_start))::integer;
+      period_start := v_start + (v_end - v_start) * v_steps;
+      period_end := period_start + (v_end - v_start);
+    end if;
+    return next;
+    return;
+  end if;
+  v_start := vtai_period_start(p_period, p_at);
+  return query select v_start, vtai_period_end(p_period, v_start);
+end
+$$;
+
 -- The gate. Checks, in this order: the model is allowed; the request rate; then, unless the
 -- model is exempt (weight 0), tokens left for the period, tokens left today and dollars left.
 -- Grants the prompt plus a completion budget clamped to the tightest cap, so no answer can
@@ -124,8 +184,8 @@ declare
   v_usd_limit numeric;
   v_rpm integer;
   v_allowed boolean;
-  v_start timestamptz := vtai_period_start(p_period, p_now);
-  v_end timestamptz := vtai_period_end(p_period, v_start);
+  v_start timestamptz;
+  v_end timestamptz;
   v_day timestamptz := vtai_period_start('day', p_now);
   v_minute timestamptz := date_trunc('minute', p_now);
   v_counter usage_counters%rowtype;
@@ -152,6 +212,9 @@ declare
   -- so a settled row never costs more than was reserved for it.
   c_cent_slack constant numeric := 0.00000001;
 begin
+  select up.period_start, up.period_end into v_start, v_end
+  from vtai_user_period(p_user, p_period, p_now) up;
+  v_resets := v_end;
   if v_start is null then
     raise exception 'unknown usage period %', p_period using errcode = '22023';
   end if;
@@ -431,7 +494,8 @@ begin
            -- charged to the period the tokens were reserved in, so a turn that crosses a
            -- period boundary settles where it was granted
            coalesce(res.period_start, (i.r ->> 'period_start')::timestamptz,
-                    vtai_period_start(p_period, i.created)) as start,
+                    (select up.period_start
+                     from vtai_user_period(i.end_user, p_period, i.created) up)) as start,
            -- the day the reservation counted on; for a row without one (the gate was open),
            -- today if the user's tier has a daily cap; else none: days count only under one
            case when res.id is not null then res.day_start
@@ -648,16 +712,16 @@ set search_path = public, pg_temp
 as $$
   select p.username, p.tier, t.token_limit,
          coalesce(c.used, 0), coalesce(c.reserved, 0),
-         vtai_period_start(p_period, p_now),
-         vtai_period_end(p_period, vtai_period_start(p_period, p_now)),
+         up.period_start, up.period_end,
          t.daily_limit, coalesce(d.used, 0),
          vtai_period_start('day', p_now) + interval '1 day',
          t.usd_limit, coalesce(c.cost_used, 0), t.rpm, t.models,
          coalesce(g.left_tokens, 0), g.until
   from profiles p
   join tiers t on t.name = p.tier
+  cross join lateral vtai_user_period(p.id, p_period, p_now) up
   left join usage_counters c
-    on c.end_user = p.id and c.period_start = vtai_period_start(p_period, p_now)
+    on c.end_user = p.id and c.period_start = up.period_start
   left join daily_counters d
     on d.end_user = p.id and d.day_start = vtai_period_start('day', p_now)
   left join lateral (
@@ -717,6 +781,7 @@ revoke all on function
   public.vtai_glob_like(text),
   public.vtai_model_weight(text),
   public.vtai_model_allowed(text[], text),
+  public.vtai_user_period(uuid, text, timestamptz),
   public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz, text, numeric, numeric,
                       boolean, integer),
   public.vtai_record_batch(jsonb, text),
@@ -729,6 +794,7 @@ grant execute on function
   public.vtai_glob_like(text),
   public.vtai_model_weight(text),
   public.vtai_model_allowed(text[], text),
+  public.vtai_user_period(uuid, text, timestamptz),
   public.vtai_reserve(uuid, integer, integer, text, integer, timestamptz, text, numeric, numeric,
                       boolean, integer),
   public.vtai_record_batch(jsonb, text),
