@@ -100,3 +100,13 @@ async def on_continue_free(action: cl.Action):
 @cl.action_callback("shorter_answer")
 async def on_shorter_answer(action: cl.Action):
     await chat.shorter_answer(action)
+
+
+@cl.action_callback("upgrade")
+async def on_upgrade(action: cl.Action):
+    await chat.upgrade(action)
+
+
+@cl.action_callback("manage_billing")
+async def on_manage_billing(action: cl.Action):
+    await chat.manage_billing(action)

@@ -409,6 +409,9 @@ class Settings(BaseSettings):
     chainlit_port: Annotated[Whole, _at_least(1), _at_most(65535)] = Field(
         8000, validation_alias=_var("CHAINLIT_PORT")
     )
+    # /metrics answers loopback clients only; set, it answers any client that sends
+    # `Authorization: Bearer <token>` (and no client without it).
+    metrics_token: Secret = Field(None, validation_alias=_var("VTAI_METRICS_TOKEN"))
     # Provider balances on /admin (vtai.admin.balances): seconds between syncs (0: off), and the
     # OpenRouter API's base URL (tests point it at a fake).
     balance_sync_interval: Annotated[Whole, _at_least(0)] = Field(

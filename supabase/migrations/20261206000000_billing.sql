@@ -52,6 +52,9 @@ create table if not exists public.billing_events (
   payload jsonb
 );
 create index if not exists billing_events_received_idx on public.billing_events (received_at);
+-- A refund's earlier refunds, a late payment failure's later payments: one user's events.
+create index if not exists billing_events_user_type_idx
+  on public.billing_events (user_id, type, created);
 
 create table if not exists public.token_grants (
   id uuid primary key default gen_random_uuid(),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 from vtai.metering.gate import Grant, Usage
 from vtai.metering.refusal import refusal, short_answer
@@ -68,3 +70,39 @@ def test_the_short_answer_offer_says_how_short():
     text = short_answer(grant, "month")
     assert text.startswith("Only about 20 tokens of answer are left within your quota")
     assert "250 of 300 tokens used this month" in text
+
+
+def test_a_top_up_shows_on_the_line_with_its_earliest_expiry():
+    until = datetime(2026, 12, 31, tzinfo=UTC)
+    base = usage()
+    # Usage gains topup_left/topup_until with top-ups (vtai.metering.gate); either way the line
+    # reads them by name.
+    topped = (
+        replace(base, topup_left=50_000, topup_until=until)
+        if hasattr(base, "topup_left")
+        else SimpleNamespace(**vars(base), topup_left=50_000, topup_until=until)
+    )
+    line = quota.describe_usage(topped)
+    assert line.startswith(quota.describe("free", 2_500, 10_000, MONTH_END))
+    assert " · + 50,000 top-up until 2026-12-31" in line
+    assert "top-up" not in quota.describe_usage(base)
+
+
+def test_with_billing_the_refusal_offers_plans_instead_of_the_administrator():
+    from vtai.ui import chat
+
+    grant = Grant(False, "quota_exhausted", tier="free", token_limit=300, used=300)
+    text = refusal(grant, "month", "m")
+    assert chat.ADMIN_HINT in text
+    offered = chat.with_upgrade_hint(text)
+    assert chat.ADMIN_HINT not in offered and offered.endswith(chat.UPGRADE_HINT)
+
+
+async def test_with_billing_off_the_chat_offers_no_plan(monkeypatch, tmp_path):
+    from vtai.settings import Settings
+    from vtai.ui import chat
+
+    off = Settings(data_dir=tmp_path, database_url="postgresql://nowhere/none")
+    monkeypatch.setattr(chat, "_services", SimpleNamespace(settings=off, db=object()))
+    assert not off.billing
+    assert await chat._billing_actions("quota_exhausted") == []

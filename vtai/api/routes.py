@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from vtai.api import errors
 from vtai.llm import patterns
 from vtai.metering.turn import TurnOutcome, TurnRequest, oversize
+from vtai.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ async def _owner(request: Request):
             return errors.refusal("unavailable", str(exc), None)
     if owner is None:
         unauthenticated += 1
+        metrics.api_unauthenticated()
         return errors.error(
             401,
             "Missing, unknown, revoked or expired API key: create one on /account and send it "

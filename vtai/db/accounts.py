@@ -98,7 +98,9 @@ async def create_profile(
     No credentials row: the password lives in Supabase Auth.
     """
     row = await conn.fetchrow(
-        "insert into public.profiles (id, username, tier) values ($1, $2, $3)"
+        # A Supabase Auth user's name is their email: kept as the email too, for billing.
+        "insert into public.profiles (id, username, tier, email) values ($1, $2, $3,"
+        " case when $2 like '%_@_%' then lower(trim($2)) end)"
         " on conflict do nothing returning id, username, tier, is_admin",
         user_id,
         username,
@@ -246,7 +248,9 @@ async def authenticate(
     row = await pool.fetchrow(
         "select p.id, p.username, p.tier, p.is_admin, c.password_hash"
         " from public.profiles p join vtai_private.credentials c on c.profile_id = p.id"
-        " where p.username = $1 and p.disabled_at is null",
+        # the name, else the email in any case (sign-ups are stored lowercased)
+        " where (p.username = $1 or lower(p.email) = lower($1)) and p.disabled_at is null"
+        " order by p.username = $1 desc limit 1",
         username,
     )
     stored = row["password_hash"] if row else _DUMMY_HASH

@@ -18,6 +18,7 @@ from vtai.metering.ports import LedgerStore
 from vtai.metering.postgres import PostgresStore
 from vtai.metering.replay import Replayer
 from vtai.metering.spool import Spool
+from vtai.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class Ledger:
 
     async def write(self, row: dict) -> bool:
         """Send one row now: True if new, False if it was already recorded. Raises on failure."""
-        return (await self.store.record_batch([sanitize(row)]))[0]
+        new = (await self.store.record_batch([sanitize(row)]))[0]
+        metrics.rows_landed([row], [new])
+        return new
 
     def hold(self, row: dict) -> Hold:
         """Keep the row on local disk now, before any await, until record() settles it."""
@@ -87,12 +90,14 @@ class Ledger:
                     raise
                 continue
             release_all(holds)
+            metrics.rows_landed([h.row for h in holds], results)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
     async def _send(self, holds: list[Hold]) -> list[bool]:
-        return await self.store.record_encoded([h.text for h in holds])
+        with metrics.ledger_batch(len(holds)):
+            return await self.store.record_encoded([h.text for h in holds])
 
     async def _write_or_spool(self, holds: list[Hold]) -> list[bool | None]:
         try:

@@ -18,6 +18,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from vtai.metering import rows
 from vtai.metering.ledger import Ledger
 from vtai.metering.rows import META_KEY, OpenCalls
+from vtai.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class MeteringLogger(CustomLogger):
         except Exception:
             # Never into LiteLLM: a row held on disk is replayed at the next start-up.
             log.exception("metering callback failed for call %s", call_id)
+            metrics.callback_failed()
 
     async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):
         # A failed call's row is the turn's (vtai.metering.turn), written with what streamed;

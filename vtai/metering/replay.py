@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from vtai.metering.spool import ReplayResult, ReplayStopped, Spool
+from vtai.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Replayer:
                 except Exception:
                     log.exception("spool replay failed")
                     delay = min(delay * 2, max_delay)
+            await metrics.publish(self.spool)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtai.metering.journal import Hold, Journal, recover
+from vtai.ops import metrics
 
 ACTIVE = "ledger.jsonl"
 QUARANTINE = "quarantine.jsonl"
@@ -109,6 +110,7 @@ class Spool:
                     os.close(fd)
             finally:
                 handle.close()
+        metrics.spooled(len(records))
 
     def hold(self, record: dict, text: str | None = None) -> Hold:
         """Keep a copy of a row whose database write is under way (see vtai.metering.journal)."""
@@ -149,6 +151,7 @@ class Spool:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        metrics.quarantined()
 
     async def replay(
         self,

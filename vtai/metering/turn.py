@@ -29,6 +29,7 @@ from vtai.metering.ledger import Ledger
 from vtai.metering.ports import UsageGate
 from vtai.metering.refusal import MIN_COMPLETION, refusal
 from vtai.metering.rows import META_KEY, Facts, OpenCall, OpenCalls, Tokens
+from vtai.ops import metrics
 from vtai.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -297,13 +298,15 @@ class TurnRunner:
             grant = await req.next_turn.take(req.user_id, prompt_tokens, budget, req.model)
             if grant is not None:
                 return grant
-        return await self.gate.reserve(
-            req.user_id,
-            prompt_tokens,
-            budget,
-            model=req.model,
-            prices=tokens.prices(req.model),
-            min_completion=self._min_completion(req, budget),
+        return await metrics.timed_gate(
+            self.gate.reserve(
+                req.user_id,
+                prompt_tokens,
+                budget,
+                model=req.model,
+                prices=tokens.prices(req.model),
+                min_completion=self._min_completion(req, budget),
+            )
         )
 
     def _min_completion(self, req: TurnRequest, budget: int) -> int:
@@ -333,13 +336,15 @@ class TurnRunner:
             return grant, messages, prompt_tokens, 0
         counted = count_prompt(req.model, fitted)
         budget = min(self._max_tokens(req), window - counted)
-        retry = await self.gate.reserve(
-            req.user_id,
-            reserve_prompt(req.model, fitted, counted),
-            budget,
-            model=req.model,
-            prices=tokens.prices(req.model),
-            min_completion=self._min_completion(req, budget),
+        retry = await metrics.timed_gate(
+            self.gate.reserve(
+                req.user_id,
+                reserve_prompt(req.model, fitted, counted),
+                budget,
+                model=req.model,
+                prices=tokens.prices(req.model),
+                min_completion=self._min_completion(req, budget),
+            )
         )
         if not retry.granted:
             return retry, messages, prompt_tokens, 0
@@ -395,7 +400,9 @@ class TurnRunner:
     def refuse(self, req: TurnRequest, notice: str, **details) -> TurnOutcome:
         """A request refused before it is a turn (the API's malformed or oversized bodies):
         one row, charged 0, as every refusal of a known user is. Nothing of the body is kept."""
-        return self._refuse(req, str(uuid.uuid4()), notice, None, [], **details)
+        outcome = self._refuse(req, str(uuid.uuid4()), notice, None, [], **details)
+        metrics.turn_ended(req, outcome)
+        return outcome
 
     def _refuse(
         self,
@@ -471,6 +478,17 @@ class TurnRunner:
         self, req: TurnRequest, on_token: Callable[[str], Awaitable[None]]
     ) -> TurnOutcome:
         """One turn: check the input, fit and reserve, stream the answer, account for it."""
+        outcome = None
+        try:
+            outcome = await self._run(req, on_token)
+            return outcome
+        finally:
+            # None: stopped (cancelled) or an error, told apart by the exception in flight.
+            metrics.turn_ended(req, outcome)
+
+    async def _run(
+        self, req: TurnRequest, on_token: Callable[[str], Awaitable[None]]
+    ) -> TurnOutcome:
         call_id = str(uuid.uuid4())
         await self.refresh_models()
         checked = self._check(req, call_id)
@@ -648,6 +666,7 @@ class TurnRunner:
             raise
         except Exception as exc:
             exc = _as_timeout(exc, req.model, self.settings.request_timeout)
+            metrics.provider_error(req.model, exc)
             accepted = stream is not None or isinstance(exc, litellm.Timeout)
             settled = self._record_partial(call, messages, parts, usage, exc, accepted, started)
             self.reserve_ahead(req.next_turn, req.user_id, req.model, req.history)

@@ -243,7 +243,15 @@ class SupabaseStore:
         try:
             rows = (
                 await self.client.table("profiles")
-                .insert({"id": str(user_id), "username": username, "tier": tier})
+                .insert(
+                    {
+                        "id": str(user_id),
+                        "username": username,
+                        "tier": tier,
+                        # a Supabase Auth user's name is their email: kept as one, for billing
+                        "email": username.strip().lower() if "@" in username else None,
+                    }
+                )
                 .execute()
             ).data
         except APIError as exc:

@@ -6,6 +6,7 @@ Per-chat state lives in cl.user_session; process-wide services are built at app 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -13,6 +14,7 @@ import chainlit as cl
 from chainlit.input_widget import Select
 
 from vtai.admin import balances
+from vtai.billing import checkout, grace
 from vtai.db import accounts
 from vtai.llm import models, patterns
 from vtai.metering.gate import QUOTA_REASONS
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _services: Services | None = None
 _balance_sync: asyncio.Task | None = None
+_grace_sweep: asyncio.Task | None = None
 
 USAGE_COMMAND = {
     "id": "Usage",
@@ -42,11 +45,15 @@ def services() -> Services:
 
 
 async def startup() -> None:
-    global _services, _balance_sync
+    global _services, _balance_sync, _grace_sweep
     if _services is None:
         _services = await Services.start(load_settings())
         if _services.db is not None:
             _balance_sync = balances.start_periodic(_services.db.pool)
+        if _services.settings.billing:
+            # Subscribers whose failed payment's grace period ran out go to free: no Stripe
+            # event says so. Idempotent SQL, so every process may run it.
+            _grace_sweep = asyncio.create_task(grace.sweep_forever(_services, _services.settings))
         await _first_account_hint(_services)
         if _services.settings.model == models.LOCAL_MODEL_ID:
             # Load the model now rather than on the first user's first message.
@@ -72,9 +79,14 @@ async def _first_account_hint(s: Services) -> None:
 
 
 async def shutdown() -> None:
-    global _services, _balance_sync
+    global _services, _balance_sync, _grace_sweep
     await balances.stop_periodic(_balance_sync)
     _balance_sync = None
+    if _grace_sweep is not None:
+        _grace_sweep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await _grace_sweep
+        _grace_sweep = None
     if _services is not None:
         await _services.stop()
         _services = None
@@ -237,9 +249,12 @@ async def show_usage() -> None:
     chart = quota.daily_chart(days[-31:])
     # The same quota from scripts: keys are made on /account (it needs the database URL).
     keys = "\n\nUse it from code: API keys on [/account](/account)." if services().db else ""
+    actions = await _billing_actions()
+    more = f"\n\n{UPGRADE_HINT}" if _offers_plans(actions) else ""
     await cl.Message(
         content=f"**Usage this {services().settings.usage_period}**\n\n{line}\n\n"
-        f"```text\n{chart}\n```{keys}"
+        f"```text\n{chart}\n```{keys}{more}",
+        actions=actions,
     ).send()
 
 
@@ -334,8 +349,12 @@ async def run_turn(
         cl.user_session.set("retry_id", message_id)
         reply.actions = [cl.Action(name="retry", payload={}, label="Send again")]
     elif reason in QUOTA_REASONS or reason == "short_answer_only":
-        reply.actions = await _ways_through(outcome.grant, text, message_id)
-        if reply.actions:
+        ways = await _ways_through(outcome.grant, text, message_id)
+        plans = await _billing_actions(reason)
+        if _offers_plans(plans):
+            reply.content = with_upgrade_hint(reply.content)
+        reply.actions = ways + plans
+        if ways:
             reply.content += "\n\nOr go on now:"
     await reply.send()
 
@@ -384,6 +403,125 @@ async def _ways_through(grant, text: str, message_id: str | None) -> list[cl.Act
             )
         )
     return actions
+
+
+# What refusal.py tells a user at a cap; with billing on, the chat offers the plans instead.
+ADMIN_HINT = "For more, ask the administrator to move you to a higher tier."
+UPGRADE_HINT = "For more, upgrade: each plan below shows its price and limits."
+
+
+def with_upgrade_hint(refusal: str) -> str:
+    if ADMIN_HINT in refusal:
+        return refusal.replace(ADMIN_HINT, UPGRADE_HINT)
+    return f"{refusal} {UPGRADE_HINT}"
+
+
+def _billing_client():
+    """The Stripe client when billing is on (it needs the database's billing tables)."""
+    s = services()
+    if not s.settings.billing or s.db is None:
+        return None
+    return checkout.client_for(s.settings)
+
+
+# Top-ups add to the period's tokens only: they lift neither the daily nor the dollar cap.
+NOT_TOPPED_UP = frozenset(
+    {"daily_exhausted", "prompt_exceeds_daily", "usd_exhausted", "prompt_exceeds_usd"}
+)
+
+
+def _offers_plans(actions: list[cl.Action]) -> bool:
+    return any(a.name == "upgrade" for a in actions)
+
+
+async def _billing_actions(reason: str | None = None) -> list[cl.Action]:
+    """One *Upgrade* action per plan the user may buy, labelled with its limits and price,
+    and *Manage billing* for a Stripe customer; at a cap (`reason`), only plans that lift it.
+    None with billing off."""
+    client = _billing_client()
+    if client is None:
+        return []
+    s = services()
+    try:
+        plans = await checkout.account(s.db.pool, s.settings, client, _user_id())
+    except Exception as exc:
+        log.warning("plans on sale unreadable (%s); no upgrade offered", type(exc).__name__)
+        return []
+    offers = {o["price_id"]: o for o in plans["offers"]}
+    actions = [
+        cl.Action(
+            name="upgrade", payload={"price": pid}, label=offers[pid]["label"], icon="sparkles"
+        )
+        for pid in plans["upgrades"]
+        if not (reason in NOT_TOPPED_UP and offers[pid]["kind"] == "topup")
+    ]
+    if plans["manage"]:
+        actions.append(
+            cl.Action(name="manage_billing", payload={}, label="Manage billing", icon="credit-card")
+        )
+    return actions
+
+
+def _origin() -> str | None:
+    """The chat page's origin, for Stripe's way back when VTAI_PUBLIC_URL is unset: the
+    socket's Origin, which vtai.web.origins has already checked is the app's own."""
+    environ = getattr(cl.context.session, "environ", None) or {}
+    if environ.get("HTTP_ORIGIN"):
+        return environ["HTTP_ORIGIN"]
+    host = environ.get("HTTP_HOST")
+    return f"{environ.get('wsgi.url_scheme', 'http')}://{host}" if host else None
+
+
+async def upgrade(action: cl.Action) -> None:
+    """The plan chosen: its Checkout link, or the subscription changed. The tier itself moves
+    when Stripe's webhook lands; every turn and quota line reads it from the database, so this
+    chat needs no reload."""
+    client = _billing_client()
+    if client is None:
+        await cl.Message(content="Billing is off on this server: ask the administrator.").send()
+        return
+    s = services()
+    price = (action.payload or {}).get("price")
+    try:
+        started = await checkout.start(
+            s.db.pool, s.settings, client, _user_id(), str(price), _origin()
+        )
+    except checkout.BillingError as exc:
+        await cl.Message(content=str(exc)).send()
+        return
+    except Exception as exc:
+        log.warning("upgrade failed (%s)", type(exc).__name__)
+        await cl.Message(content="Billing is unavailable just now: try again shortly.").send()
+        return
+    content = started.words(s.settings.usage_period)
+    if started.url:
+        content += f"\n\n[{PAY_LINK}]({started.url})"
+    await cl.Message(content=content).send()
+
+
+# The link that opens Stripe Checkout (in a new tab: the chat stays open).
+PAY_LINK = "Open Stripe Checkout"
+
+
+async def manage_billing(action: cl.Action) -> None:
+    """A link to the user's Stripe customer portal."""
+    client = _billing_client()
+    if client is None:
+        await cl.Message(content="Billing is off on this server: ask the administrator.").send()
+        return
+    s = services()
+    try:
+        url = await checkout.portal(s.db.pool, s.settings, client, _user_id(), _origin())
+    except checkout.BillingError as exc:
+        await cl.Message(content=str(exc)).send()
+        return
+    except Exception as exc:
+        log.warning("billing portal failed (%s)", type(exc).__name__)
+        await cl.Message(content="Billing is unavailable just now: try again shortly.").send()
+        return
+    await cl.Message(
+        content=f"Invoices, payment method and cancelling: [Open the billing portal]({url})"
+    ).send()
 
 
 async def retry(action: cl.Action) -> None:

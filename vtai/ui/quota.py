@@ -26,6 +26,9 @@ def describe_usage(usage: Usage, weight: float | None = None) -> str:
     """The quota line with every cap that applies: tokens this period, today, dollars, and the
     current model's weight when it is not 1."""
     parts = [describe(usage.tier, usage.used, usage.token_limit, usage.resets_at)]
+    note = topup_note(usage)
+    if note:
+        parts.append(note)
     if usage.daily_limit is not None:
         left = max(usage.daily_limit - usage.daily_used, 0)
         parts.append(f"today {usage.daily_used:,} / {usage.daily_limit:,} ({left:,} left)")
@@ -34,6 +37,16 @@ def describe_usage(usage: Usage, weight: float | None = None) -> str:
     line = " · ".join(parts)
     note = weight_note(weight)
     return f"{line} · {note}" if note else line
+
+
+def topup_note(usage: Usage) -> str | None:
+    """Tokens bought on top of the tier's limit and left this period: "+ 50,000 top-up until
+    2026-12-31" (the earliest expiry). getattr: the gate's Usage gains these with top-ups."""
+    left = getattr(usage, "topup_left", 0) or 0
+    if left <= 0:
+        return None
+    until = getattr(usage, "topup_until", None)
+    return f"+ {left:,} top-up" + (f" until {until:%Y-%m-%d}" if until else "")
 
 
 def weight_note(weight: float | None) -> str | None:
