@@ -1,0 +1,1 @@
+"""Several app processes behind HAProxy on one database (docs/deploy.md)."""

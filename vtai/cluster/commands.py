@@ -1,0 +1,5 @@
+"""`vtai cluster (several processes behind HAProxy)` (being built)."""
+
+
+def register(sub, user) -> None:
+    """Add this module's commands: `sub` is vtai's subcommands, `user` those of `vtai user`."""
