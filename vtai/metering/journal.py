@@ -6,17 +6,27 @@ this guards against the process dying (the page cache survives that) for a few m
 per row, where a file per row cost a create and an unlink; a failed write still goes through
 the spool's fsynced append. The journal is locked while its process lives, so a sibling
 process that starts up never takes rows that are still being written.
+
+It also lists the reservations the process holds (JournaledGate): one a turn's row names is
+settled by that row; the others, left by a process that died, are released at recovery
+instead of waiting out their TTL. Recovery reads any directory: a process's own at start-up,
+or a sibling's (vtai.cluster.layout), whose lock then says whether its owner is alive.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Once nothing is pending, a journal larger than this starts again from empty.
 COMPACT_BYTES = 1 << 20
@@ -43,13 +53,20 @@ class Journal:
         self._size = 0
         self._next = 0
         self._pending: set[int] = set()
+        # reservation id -> (entry number, its line, when): held, no row names it yet
+        self._reserved: dict[str, tuple[int, str, float]] = {}
 
     def _open(self) -> int:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        # Locked under a name recovery skips, then renamed: no recoverer ever sees the file
+        # unlocked, which it would take for a dead process's.
+        building = self.directory / f"{name}.new"
+        fd = os.open(building, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         # Held until this process exits, however it exits: the kernel drops it.
         fcntl.flock(fd, fcntl.LOCK_EX)
+        self.path = self.directory / f"{name}.jsonl"
+        os.rename(building, self.path)
         self._fd = fd
         return fd
 
@@ -66,7 +83,27 @@ class Journal:
         self._next += 1
         self._write(f'{{"hold": {self._next}, "row": {text}}}\n')
         self._pending.add(self._next)
+        # The row names its reservation: recovery settles it with the row, not a release.
+        self._reserved.pop(str(row.get("reservation_id")), None)
         return Hold(row, text, self, self._next)
+
+    def reserve(self, reservation_id: uuid.UUID, user_id: uuid.UUID, ttl: float) -> None:
+        """A reservation this process now holds, until a row names it or it is released."""
+        now = time.monotonic()
+        # Past its TTL the database has given it back already: nothing left to recover.
+        for rid, (_, _, at) in list(self._reserved.items()):
+            if now - at > ttl:
+                del self._reserved[rid]
+        self._next += 1
+        line = json.dumps({"reserve": self._next, "id": str(reservation_id), "user": str(user_id)})
+        self._write(line + "\n")
+        self._reserved[str(reservation_id)] = (self._next, line + "\n", now)
+
+    def unreserve(self, reservation_id: uuid.UUID) -> None:
+        """The reservation went back to the database (or was tried: its TTL does the rest)."""
+        entry = self._reserved.pop(str(reservation_id), None)
+        if entry is not None:
+            self._write(f'{{"done": [{entry[0]}]}}\n')
 
     def release(self, number: int) -> None:
         self.release_many([number])
@@ -78,8 +115,11 @@ class Journal:
             return
         self._pending.difference_update(settled)
         if not self._pending and self._size > COMPACT_BYTES:
+            # No row is pending, so the file need only say which reservations are held.
             os.ftruncate(self._fd, 0)
             self._size = 0
+            if self._reserved:
+                self._write("".join(line for _, line, _ in self._reserved.values()))
         else:
             self._write(f'{{"done": {json.dumps(settled)}}}\n')
 
@@ -89,7 +129,7 @@ class Journal:
 
     def close(self) -> None:
         """Only once nothing is pending: the file then holds nothing to recover."""
-        if self._fd is not None and not self._pending:
+        if self._fd is not None and not self._pending and not self._reserved:
             os.close(self._fd)
             self._fd = None
             self.path.unlink(missing_ok=True)
@@ -104,39 +144,107 @@ def release_all(holds: list[Hold]) -> None:
         journal.release_many(numbers)
 
 
+@dataclass
+class Orphan:
+    """A reservation a dead process held that no row of its settles."""
+
+    reservation_id: str
+    user_id: str
+
+
 def recover(
     directory: Path,
     save: Callable[[list[dict]], None],
     quarantine: Callable[[bytes, str], None],
+    orphans: Callable[[list[Orphan]], None] | None = None,
 ) -> int:
-    """Hand the unreleased rows of dead processes' journals to `save`; returns how many."""
+    """Hand the unreleased rows of dead processes' journals to `save`, and their reservations
+    no row settles to `orphans` (None: left to their TTL); returns how many rows."""
     moved = 0
     for path in sorted(Path(directory).glob("*.jsonl")):
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             continue
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its process is alive and still writing these rows
+            if not _still_there(path, fd):
+                continue  # another recoverer took it while we waited for the lock
             held: dict[int, dict] = {}
+            reserved: dict[int, Orphan] = {}
+            named: set[str] = set()
             with open(fd, "rb", closefd=False) as f:
                 for raw in f:
                     try:
                         entry = json.loads(raw)
                         if "hold" in entry:
                             held[entry["hold"]] = entry["row"]
+                            named.add(str(entry["row"].get("reservation_id")))
+                        elif "reserve" in entry:
+                            reserved[entry["reserve"]] = Orphan(entry["id"], entry["user"])
                         else:
                             for number in entry["done"]:
                                 held.pop(number, None)
-                    except (ValueError, KeyError, TypeError) as exc:
+                                reserved.pop(number, None)
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         quarantine(raw.rstrip(b"\n"), f"unreadable in-flight row: {exc}")
             if held:
                 save(list(held.values()))
                 moved += len(held)
+            left = [o for o in reserved.values() if o.reservation_id not in named]
+            if left and orphans is not None:
+                orphans(left)
             path.unlink()
         finally:
             os.close(fd)
     return moved
+
+
+def _still_there(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+class JournaledGate:
+    """A gate (vtai.metering.ports.UsageGate) whose grants are written to the process's
+    journal, so a process killed mid-turn or with a chat's next turn reserved ahead leaves
+    them for recovery to release."""
+
+    def __init__(self, gate, spool, ttl: float):
+        self.gate = gate
+        self.spool = spool
+        self.ttl = ttl
+
+    def _journal(self) -> Journal:
+        # The spool's journal (one per process), made there if no row was held yet.
+        return self.spool.journal()
+
+    async def reserve(self, user_id, *args, **kwargs):
+        grant = await self.gate.reserve(user_id, *args, **kwargs)
+        if grant.granted and grant.reservation_id is not None:
+            try:
+                self._journal().reserve(grant.reservation_id, user_id, self.ttl)
+            except OSError as exc:
+                log.warning("journal write failed (%s): reservation left to its TTL", exc)
+        return grant
+
+    async def release(self, reservation_id, user_id) -> bool:
+        try:
+            return await self.gate.release(reservation_id, user_id)
+        finally:
+            try:
+                self._journal().unreserve(reservation_id)
+            except OSError as exc:
+                log.warning("journal write failed (%s)", exc)
+
+    async def usage(self, user_id, now: datetime | None = None):
+        return await self.gate.usage(user_id, now)
+
+    def __getattr__(self, name: str):
+        # Anything else the wrapped gate offers (daily, the REST store's calls).
+        return getattr(self.gate, name)

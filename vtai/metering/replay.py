@@ -1,16 +1,21 @@
 """The spool's replayer: rows that waited on disk for the database go in once it answers.
 
-At start-up it also takes the rows a dead process was still writing (its journal), and
-afterwards it replays whenever rows wait, backing off while the database stays down.
+At start-up it also takes the rows a dead process was still writing (its journal) and
+releases the reservations it held; afterwards it replays whenever rows wait, backing off while
+the database stays down. With sibling processes (`peers`, vtai.cluster.layout) it also
+recovers a sibling's journal as soon as that sibling is dead, without waiting for its restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from vtai.metering.spool import ReplayResult, ReplayStopped, Spool
+from vtai.metering import journal
+from vtai.metering.spool import INFLIGHT, ReplayResult, ReplayStopped, Spool
 from vtai.ops import metrics
 
 log = logging.getLogger(__name__)
@@ -28,14 +33,44 @@ class Replayer:
         self.is_bad_data = is_bad_data
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        # Set by vtai.services: vtai_release for a dead process's reservations (None: TTL).
+        self.release: Callable[[uuid.UUID, uuid.UUID], Awaitable[bool]] | None = None
+        # Sibling processes' journal directories, looked at on every pass of the loop.
+        self.peers: Callable[[], list[Path]] = list
 
     async def replay(self) -> ReplayResult:
         """Write what the spool holds now (each row once: writes are keyed on the call id)."""
         return await self.spool.replay(self.write, self.is_bad_data)
 
-    async def recover(self) -> int:
-        """At start-up: spool the rows a dead process was still writing, for replay."""
-        return await asyncio.to_thread(self.spool.recover_inflight)
+    async def recover(self, peers: bool = True) -> int:
+        """Spool the rows dead processes were still writing, for replay, and release their
+        reservations no row settles: this process's directory (at start-up) and, with
+        `peers`, its siblings'. A live process's journal is locked and left alone."""
+        directories = [self.spool.directory / INFLIGHT, *(self.peers() if peers else [])]
+        orphans: list[journal.Orphan] = []
+        moved = 0
+        for directory in directories:
+            moved += await asyncio.to_thread(
+                journal.recover,
+                directory,
+                self.spool.append_many,
+                self.spool.quarantine,
+                orphans.extend,
+            )
+        if moved:
+            log.warning("recovered %d in-flight row(s) of a dead process", moved)
+            self.wake()
+        if orphans and self.release is not None:
+            released = await asyncio.gather(
+                *(self.release(uuid.UUID(o.reservation_id), uuid.UUID(o.user_id)) for o in orphans),
+                return_exceptions=True,
+            )
+            log.warning(
+                "released %d of %d reservation(s) a dead process held",
+                sum(r is True for r in released),
+                len(orphans),
+            )
+        return moved
 
     def wake(self) -> None:
         """Rows were just spooled: look again now rather than at the next backoff."""
@@ -49,6 +84,10 @@ class Replayer:
     async def _loop(self, max_delay: float) -> None:
         delay = 1.0
         while True:
+            try:
+                await self.recover()
+            except Exception:
+                log.exception("recovering a dead process's journal failed")
             if self.spool.pending_files():
                 try:
                     result = await self.replay()

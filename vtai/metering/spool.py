@@ -112,16 +112,20 @@ class Spool:
                 handle.close()
         metrics.spooled(len(records))
 
-    def hold(self, record: dict, text: str | None = None) -> Hold:
-        """Keep a copy of a row whose database write is under way (see vtai.metering.journal)."""
+    def journal(self) -> Journal:
+        """This process's journal (vtai.metering.journal), made on first use."""
         if self._journal is None:
             self._journal = Journal(self.directory / INFLIGHT)
-        return self._journal.hold(record, text)
+        return self._journal
+
+    def hold(self, record: dict, text: str | None = None) -> Hold:
+        """Keep a copy of a row whose database write is under way (see vtai.metering.journal)."""
+        return self.journal().hold(record, text)
 
     def recover_inflight(self) -> int:
         """Move rows left in flight by dead processes into the spool; returns how many."""
         self._ensure_dir()
-        return recover(self.directory / INFLIGHT, self.append_many, self._quarantine)
+        return recover(self.directory / INFLIGHT, self.append_many, self.quarantine)
 
     @property
     def in_flight(self) -> int:
@@ -145,7 +149,7 @@ class Spool:
         waiting = sum(_count_lines(f) for f in files)
         return SpoolStatus(waiting, _count_lines(self.directory / QUARANTINE), oldest)
 
-    def _quarantine(self, raw: bytes, reason: str) -> None:
+    def quarantine(self, raw: bytes, reason: str) -> None:
         entry = {"reason": reason, "line": raw.decode("utf-8", "replace"), "at": time.time()}
         with (self.directory / QUARANTINE).open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
@@ -177,7 +181,7 @@ class Spool:
                         if not isinstance(record, dict) or "litellm_call_id" not in record:
                             raise ValueError("not a ledger record")
                     except ValueError as exc:
-                        await asyncio.to_thread(self._quarantine, raw, f"unreadable: {exc}")
+                        await asyncio.to_thread(self.quarantine, raw, f"unreadable: {exc}")
                         result.quarantined += 1
                         continue
                     try:
@@ -185,7 +189,7 @@ class Spool:
                     except Exception as exc:
                         if is_bad_data(exc):
                             reason = f"rejected by the database: {type(exc).__name__}: {exc}"
-                            await asyncio.to_thread(self._quarantine, raw, reason)
+                            await asyncio.to_thread(self.quarantine, raw, reason)
                             result.quarantined += 1
                             continue
                         # Keep this line and the rest; lines before it are safely in the DB.
