@@ -12,6 +12,8 @@ import asyncpg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from vtai.plans import audit
+
 _hasher = PasswordHasher()
 # Verified when the username is unknown, so a miss costs the same time as a wrong password.
 _DUMMY_HASH = _hasher.hash("not-a-real-password")
@@ -164,15 +166,28 @@ async def set_password(conn: asyncpg.Connection, username: str, password: str) -
         return await conn.fetchval("select public.vtai_sessions_end_all($1)", profile.id)
 
 
-async def end_sessions(conn: asyncpg.Connection, username: str) -> int:
-    """End every login of the user (their cookies are refused from the next request)."""
+async def end_sessions(conn: asyncpg.Connection, username: str, actor: str | None = None) -> int:
+    """End every login of the user (their cookies are refused from the next request); audited
+    as `actor` (default cli:<OS user>)."""
     profile = await require(conn, username)
-    return await conn.fetchval("select public.vtai_sessions_end_all($1)", profile.id)
-
-
-async def set_disabled(conn: asyncpg.Connection, username: str, disabled: bool) -> int:
-    """Disable (ending every login, refusing new ones) or enable; logins ended."""
     async with conn.transaction():
+        ended = await conn.fetchval("select public.vtai_sessions_end_all($1)", profile.id)
+        await audit.record(
+            conn, actor or audit.cli_actor(), "user.logout", username, None, {"sessions": ended}
+        )
+    return ended
+
+
+async def set_disabled(
+    conn: asyncpg.Connection, username: str, disabled: bool, actor: str | None = None
+) -> int:
+    """Disable (ending every login, refusing new ones) or enable; logins ended. Audited as
+    `actor` (default cli:<OS user>) when it changes something."""
+    async with conn.transaction():
+        was_disabled = await conn.fetchval(
+            "select disabled_at is not null from public.profiles where username = $1 for update",
+            username,
+        )
         user_id = await conn.fetchval(
             "update public.profiles set disabled_at = case when $2 then"
             " coalesce(disabled_at, now()) end where username = $1 returning id",
@@ -181,9 +196,13 @@ async def set_disabled(conn: asyncpg.Connection, username: str, disabled: bool) 
         )
         if user_id is None:
             raise UserError(f"no user named {username!r} (see: vtai user list)")
-        if not disabled:
-            return 0
-        return await conn.fetchval("select public.vtai_sessions_end_all($1)", user_id)
+        ended = 0
+        if disabled:
+            ended = await conn.fetchval("select public.vtai_sessions_end_all($1)", user_id)
+        if was_disabled != disabled:
+            action = "user.disable" if disabled else "user.enable"
+            await audit.record(conn, actor or audit.cli_actor(), action, username, None, None)
+        return ended
 
 
 async def disabled_names(conn: asyncpg.Connection) -> set[str]:

@@ -77,7 +77,10 @@ class PoolSessions:
         )
 
     async def end(self, session_id: uuid.UUID) -> bool:
-        return bool(await self.pool.fetchval("select public.vtai_session_end($1)", session_id))
+        # The audited twin (functions/70_retention.sql): the logout lands in audit_log too.
+        return bool(
+            await self.pool.fetchval("select public.vtai_session_end_audited($1)", session_id)
+        )
 
     async def attempt(self, name: str, addr: str | None) -> float:
         return float(
