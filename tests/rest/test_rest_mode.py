@@ -76,7 +76,9 @@ async def sign_in(services, conn, gotrue):
 
 async def test_a_turn_is_reserved_and_recorded_over_rest(rest_services, gotrue, conn, caplog):
     s = rest_services
-    assert s.db is None and isinstance(s.gate, SupabaseStore) and s.ledger.store is s.gate
+    # The gate is the REST store, behind the journal that lists the reservations it holds.
+    assert s.db is None and isinstance(s.gate.gate, SupabaseStore)
+    assert s.ledger.store is s.gate.gate
     setup = caplog.get_records("setup")
     off = [r.getMessage() for r in setup if "Supabase REST API" in r.getMessage()]
     assert len(off) == 1 and "chat history, the /admin dashboard" in off[0]
