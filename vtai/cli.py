@@ -580,12 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     bal.add_parser("sync", help="fetch each provider's balance now").set_defaults(run=balances_sync)
 
     # Commands that live with the package whose job they are.
+    from vtai.admin import reconcile
     from vtai.cluster import commands as cluster_commands
     from vtai.notify import commands as notify_commands
     from vtai.ops import doctor
     from vtai.retention import commands as retention_commands
 
-    for module in (notify_commands, doctor, retention_commands, cluster_commands):
+    for module in (notify_commands, doctor, retention_commands, cluster_commands, reconcile):
         module.register(sub, user)
     return parser
 

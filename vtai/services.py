@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import litellm
 
 from vtai import datadir
+from vtai.cluster import layout as cluster_layout
 from vtai.db import accounts
 from vtai.db.accounts import LoginThrottle, Profile
 from vtai.db.connection import Database
 from vtai.llm import stream_end
 from vtai.llm.catalogue import Catalogue
 from vtai.metering.gate import Gate
+from vtai.metering.journal import JournaledGate
 from vtai.metering.ledger import Ledger
 from vtai.metering.logger import CallNotes, MeteringLogger
 from vtai.metering.plan_watch import PlanWatch
@@ -76,6 +78,11 @@ class Services:
                 settings.gate_fail_mode,
             )
             ledger = Ledger(db.pool, Spool(settings.spool_dir), settings.usage_period)
+        # Grants go in the journal: a killed process's reservations are released at recovery
+        # (its own restart, or a live sibling's: vtai.cluster.layout), not at their TTL.
+        ledger.replayer.release = gate.release
+        ledger.replayer.peers = lambda: cluster_layout.peer_journals(settings.process_dir)
+        gate = JournaledGate(gate, ledger.spool, settings.reservation_ttl)
         if settings.supabase_auth:
             auth = await SupabaseAuth.connect(
                 settings.supabase_url, settings.supabase_anon_key.get_secret_value()

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -243,8 +244,36 @@ def _stripe_prices(value: Any) -> Any:
     return prices
 
 
+def _amount(value: Any) -> Any:
+    """A decimal number from the environment ('2.5'); python numbers pass through."""
+    if not isinstance(value, str):
+        return value
+    raw = value.strip()
+    try:
+        amount = Decimal(raw.replace("_", ""))
+    except InvalidOperation:
+        raise _bad(f"{raw!r} is not a number") from None
+    if not amount.is_finite():
+        raise _bad(f"{raw!r} is not a number")
+    return amount
+
+
+def _percents(value: Any) -> Any:
+    """VTAI_WARN_AT: percents such as '80,100'; 'off' for none; blank: the default."""
+    if not isinstance(value, str):
+        return value
+    if value.strip().lower() == "off":
+        return ()
+    items = _items(value) or ("80", "100")
+    found = sorted({_whole(item) for item in items})
+    if found[0] < 1 or found[-1] > 1000:
+        raise _bad("percents run from 1 to 1000")
+    return tuple(found)
+
+
 Whole = Annotated[int, BeforeValidator(_whole)]
 Seconds = Annotated[float, BeforeValidator(_whole)]
+Amount = Annotated[Decimal, BeforeValidator(_amount)]
 Text = Annotated[str | None, BeforeValidator(_blank_is_unset)]
 Secret = Annotated[SecretStr | None, BeforeValidator(_blank_is_unset)]
 
@@ -300,6 +329,11 @@ class Settings(BaseSettings):
     data_dir: Annotated[Path, BeforeValidator(_data_dir)] = Field(
         Path(".vtai"), validation_alias=_var("VTAI_DATA_DIR"), validate_default=True
     )
+    # This process's own spool and journal when several share the data dir (`make run
+    # WORKERS=N` sets VTAI_DATA_DIR/procs/<n>); unset, the data dir.
+    process_dir: Annotated[Path | None, BeforeValidator(_blank_is_unset)] = Field(
+        None, validation_alias=_var("VTAI_PROCESS_DIR")
+    )
 
     # --- Supabase API (docs/supabase.md) ----------------------------------------------------
     supabase_url: Annotated[Text, _optional(_supabase_url)] = Field(
@@ -328,6 +362,9 @@ class Settings(BaseSettings):
     anthropic_api_key: Secret = Field(None, validation_alias=_var("ANTHROPIC_API_KEY"))
     gemini_api_key: Secret = Field(None, validation_alias=_var("GEMINI_API_KEY"))
     openrouter_api_key: Secret = Field(None, validation_alias=_var("OPENROUTER_API_KEY"))
+    # Where LiteLLM sends OpenAI calls when set (its own variables, in its order); `vtai doctor`
+    # checks OPENAI_API_KEY against the same server.
+    openai_api_base: Text = Field(None, validation_alias=_var("OPENAI_BASE_URL", "OPENAI_API_BASE"))
 
     # --- Metering -----------------------------------------------------------------------------
     usage_period: Annotated[str, _one_of(PERIODS)] = Field(
@@ -420,6 +457,14 @@ class Settings(BaseSettings):
     openrouter_base: Annotated[Text, _optional(_http_url)] = Field(
         None, validation_alias=_var("VTAI_OPENROUTER_BASE")
     )
+    # The ledger against the bill (vtai.admin.reconcile): a day's drift alerts when it is at
+    # least this percent of what the provider charged and at least this many dollars.
+    drift_alert_percent: Annotated[Amount, _at_least(0)] = Field(
+        Decimal(5), validation_alias=_var("VTAI_DRIFT_ALERT_PERCENT")
+    )
+    drift_alert_min_usd: Annotated[Amount, _at_least(0)] = Field(
+        Decimal("1.00"), validation_alias=_var("VTAI_DRIFT_ALERT_MIN_USD")
+    )
 
     # --- Billing (vtai.billing; docs/billing.md). Off without STRIPE_SECRET_KEY. ----------------
     stripe_secret_key: Secret = Field(None, validation_alias=_var("STRIPE_SECRET_KEY"))
@@ -434,6 +479,33 @@ class Settings(BaseSettings):
     billing_grace_days: Annotated[Whole, _at_least(0)] = Field(
         7, validation_alias=_var("VTAI_BILLING_GRACE_DAYS")
     )
+
+    # --- Retention (vtai.retention): prompt and answer text older than N days is purged ------
+    content_retention_days: Annotated[
+        int | None, BeforeValidator(_whole), _optional(_at_least(1))
+    ] = Field(None, validation_alias=_var("VTAI_CONTENT_RETENTION_DAYS"))
+
+    # --- Notices and webhooks (vtai.notify; docs/operations.md) -------------------------------
+    # Percents of each cap at which a user is told, once per cap and period (off: none).
+    warn_at: Annotated[tuple[int, ...], NoDecode, BeforeValidator(_percents)] = Field(
+        (80, 100), validation_alias=_var("VTAI_WARN_AT")
+    )
+    # Where operator events go (comma-separated), signed with the secret; unset: off.
+    webhook_urls: Annotated[
+        tuple[Annotated[str, AfterValidator(_http_url)], ...], NoDecode, BeforeValidator(_items)
+    ] = Field((), validation_alias=_var("VTAI_WEBHOOK_URLS"))
+    webhook_secret: Secret = Field(None, validation_alias=_var("VTAI_WEBHOOK_SECRET"))
+    # A spool.backlog event when a spool holds more rows than this, or older than this.
+    webhook_spool_rows: Annotated[Whole, _at_least(1)] = Field(
+        1000, validation_alias=_var("VTAI_WEBHOOK_SPOOL_ROWS")
+    )
+    webhook_spool_minutes: Annotated[Whole, _at_least(1)] = Field(
+        10, validation_alias=_var("VTAI_WEBHOOK_SPOOL_MINUTES")
+    )
+    # A balance.low event when a provider's balance (USD) is under this; unset: none.
+    webhook_balance_below: Annotated[
+        Decimal | None, BeforeValidator(lambda v: _amount(_blank_is_unset(v)))
+    ] = Field(None, validation_alias=_var("VTAI_WEBHOOK_BALANCE_BELOW"))
 
     # --- Accounts: self sign-up and password reset by email (vtai.accounts) ------------------
     signup: Annotated[bool, BeforeValidator(_on_off)] = Field(
@@ -515,10 +587,22 @@ class Settings(BaseSettings):
             (n for n in ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_SERVICE_KEY") if n in given),
             "SUPABASE_SERVICE_ROLE_KEY",
         )
-        problem = settings._supabase_problem(service_var) or settings._billing_problem()
+        problem = (
+            settings._supabase_problem(service_var)
+            or settings._billing_problem()
+            or settings._webhook_problem()
+        )
         if problem:
             raise _bad(problem)
         return settings
+
+    def _webhook_problem(self) -> str | None:
+        if self.webhook_urls and self.webhook_secret is None:
+            return (
+                "VTAI_WEBHOOK_SECRET: webhooks (VTAI_WEBHOOK_URLS) are signed with it: set a long"
+                " random string and give it to the receivers"
+            )
+        return None
 
     def _billing_problem(self) -> str | None:
         if self.stripe_secret_key is None:
@@ -613,7 +697,7 @@ class Settings(BaseSettings):
 
     @property
     def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
+        return (self.process_dir or self.data_dir).resolve() / "spool"
 
     @property
     def provider_keys(self) -> dict[str, SecretStr]:

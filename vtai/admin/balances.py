@@ -16,6 +16,8 @@ from decimal import Decimal, InvalidOperation
 import asyncpg
 import httpx
 
+from vtai.admin import reconcile
+from vtai.notify import balance as notify_balance
 from vtai.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class Fetched:
     currency: str | None = None
     note: str | None = None
     error: str | None = None
+    # the provider's running total of what it charged, when it reports one (vtai.admin.reconcile)
+    usage: Decimal | None = None
 
 
 def _scrub(text: str, secret: str) -> str:
@@ -61,7 +65,7 @@ async def fetch_openrouter(client: httpx.AsyncClient, base: str, key: str) -> Fe
         return Fetched("openrouter", error=_scrub(f"{type(exc).__name__}: {exc}", key))
     except (ValueError, KeyError, TypeError, InvalidOperation):
         return Fetched("openrouter", error="unexpected answer from the credits endpoint")
-    return Fetched("openrouter", balance=credits - used, currency="USD")
+    return Fetched("openrouter", balance=credits - used, currency="USD", usage=used)
 
 
 async def fetch_all(env: dict[str, str] | None = None, timeout: float = 10.0) -> list[Fetched]:
@@ -109,6 +113,8 @@ async def store(pool: asyncpg.Pool, fetched: list[Fetched]) -> None:
                     f.currency,
                     f.note,
                 )
+        # Under VTAI_WEBHOOK_BALANCE_BELOW: the operator's balance.low, with the balance's row.
+        await notify_balance.check(conn, fetched)
 
 
 async def read(pool: asyncpg.Pool) -> list[dict]:
@@ -128,6 +134,8 @@ async def sync(
         if f.error:
             log.warning("balance sync for %s failed: %s", f.provider, f.error)
     await store(pool, fetched)
+    # A snapshot for the ledger-against-the-bill history, and any day that has ended since.
+    await reconcile.after_sync(pool, fetched, env)
     return await read(pool)
 
 

@@ -15,7 +15,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 
-from vtai.admin import balances
+from vtai.admin import balances, reconcile
 from vtai.admin import plans as plans_panel
 from vtai.admin.auth import NotSignedIn, admin_from_request, same_origin
 from vtai.admin.export import csv_rows
@@ -36,6 +36,7 @@ from vtai.admin.reports import (
     user_table,
 )
 from vtai.api import account, keys
+from vtai.notify import report as notify_report
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,12 @@ def build_router(
         return await series(get_pool(), days)
 
     @router.get("/admin/api/users")
-    async def api_users(admin: Admin):
-        table = await user_table(get_pool(), get_period())
+    async def api_users(admin: Admin, after: str | None = None, limit: int | None = None):
+        # Paged with `limit` (and `after`, the last name of the previous page): one probe
+        # per user listed, so at 10^4 users the whole table is ~0.3 s of database time.
+        if limit is not None and not 1 <= limit <= 1000:
+            raise HTTPException(400, "limit: 1 to 1000")
+        table = await user_table(get_pool(), get_period(), after=after, limit=limit)
         table["models"] = await models(get_pool())
         return table
 
@@ -214,6 +219,22 @@ def build_router(
     @router.post("/admin/api/balances/sync")
     async def api_balances_sync(admin: Admin):
         return await balances.sync(get_pool())
+
+    @router.get("/admin/api/reconciliation")
+    async def api_reconciliation(admin: Admin, days: int = reconcile.REPORT_DAYS):
+        if not 1 <= days <= 366:
+            raise HTTPException(400, "days: 1 to 366")
+        return await reconcile.report(get_pool(), days)
+
+    # --- Operator webhooks: deliveries by URL, failures, retry (vtai.notify) ---------------
+
+    @router.get("/admin/api/webhooks")
+    async def api_webhooks(admin: Admin):
+        return await notify_report.admin(get_pool())
+
+    @router.post("/admin/api/webhooks/retry")
+    async def api_webhooks_retry(admin: Admin):
+        return {"retried": await notify_report.retry(get_pool())}
 
     # --- API keys: every user's, with revoke (vtai.api.keys) -------------------------------
 

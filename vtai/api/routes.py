@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from vtai.api import errors
 from vtai.llm import patterns
 from vtai.metering.turn import TurnOutcome, TurnRequest, oversize
+from vtai.notify import notices
 from vtai.ops import metrics
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class Turn:
 
     def __init__(self, services, req: TurnRequest):
         self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.req = req
         self.task = asyncio.create_task(services.runner.run(req, self._token))
         self.task.add_done_callback(lambda _: self.queue.put_nowait(None))
 
@@ -276,6 +278,10 @@ async def _stream(turn: Turn, first: str, call: dict, cid: str, created: int) ->
             yield f"data: {json.dumps({'error': {'message': message, 'type': 'api_error'}})}\n\n"
         if call["include_usage"]:
             yield _chunk(cid, created, model, {}, usage=_usage(outcome))
+        # Headers are gone by now: a quota warning rides as an SSE comment, which clients skip.
+        warning = notices.header(await notices.after_api_turn(_services(), turn.req, outcome))
+        if warning:
+            yield f": x-vtai-quota-warning: {warning}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         turn.stop()
@@ -301,6 +307,7 @@ async def chat_completions(request: Request) -> Response:
     if first is None:
         outcome: TurnOutcome = turn.task.result()
         if outcome.kind != "answered":
+            notices.refused(services, owner.user_id, outcome.grant)
             return _refused(outcome)
         first = ""
     if call["stream"]:
@@ -318,7 +325,8 @@ async def chat_completions(request: Request) -> Response:
         turn.stop()
     if outcome.kind != "answered":
         return _refused(outcome)
-    return JSONResponse(
+    warning = notices.header(await notices.after_api_turn(services, turn.req, outcome))
+    response = JSONResponse(
         {
             "id": cid,
             "object": "chat.completion",
@@ -338,6 +346,10 @@ async def chat_completions(request: Request) -> Response:
         if outcome.notice
         else None,
     )
+    if warning:
+        # A threshold of a cap crossed by this request, told once: `tokens 80%, daily 100%`.
+        response.headers["x-vtai-quota-warning"] = warning
+    return response
 
 
 async def list_models(request: Request) -> Response:

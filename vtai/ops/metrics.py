@@ -13,7 +13,7 @@ are merged with `livemax`, so processes sharing a data dir report it once and pr
 data dirs of their own report one series each. Files of processes that died are dropped from
 the live gauges at the next scrape; their counters keep counting.
 
-The webhook outbox's depth is not exported yet: the outbox does not exist.
+The webhook outbox's depth (vtai.notify) is read at scrape time, like the reservations.
 """
 
 from __future__ import annotations
@@ -147,6 +147,14 @@ RESERVATIONS = Gauge(
 RESERVED_TOKENS = Gauge(
     "vtai_reservations_held_tokens",
     "Tokens set aside by unexpired reservations, read at scrape time.",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+WEBHOOK_OUTBOX = Gauge(
+    "vtai_webhook_outbox_depth",
+    "Webhook deliveries waiting (not delivered, not given up), read at scrape time: `database`"
+    " (the outbox) and `local` (this process's own queue); -1: could not be read.",
+    ["queue"],
     multiprocess_mode="mostrecent",
     registry=REGISTRY,
 )
@@ -344,10 +352,24 @@ async def _count_reservations(services) -> None:
         RESERVATIONS.set(-1)
 
 
+async def _count_outbox(services) -> None:
+    from vtai.notify import delivery
+
+    try:
+        async with asyncio.timeout(RESERVATIONS_TIMEOUT):
+            found = await delivery.depth(services)
+        for queue, n in found.items():
+            WEBHOOK_OUTBOX.labels(queue).set(n)
+    except Exception as exc:
+        log.debug("webhook outbox not counted: %s", type(exc).__name__)
+        WEBHOOK_OUTBOX.labels("database").set(-1)
+
+
 async def scrape(services) -> tuple[bytes, str]:
     """The exposition text (and its content type) after the scrape-time gauges are read."""
     await publish(services.ledger.spool)
     await _count_reservations(services)
+    await _count_outbox(services)
     return await asyncio.to_thread(_render), CONTENT_TYPE_LATEST
 
 

@@ -19,6 +19,8 @@ from vtai.db import accounts
 from vtai.llm import models, patterns
 from vtai.metering.gate import QUOTA_REASONS
 from vtai.metering.turn import TurnRequest
+from vtai.notify import delivery as webhooks
+from vtai.notify import notices
 from vtai.services import Services
 from vtai.settings import load_settings
 from vtai.ui import history, quota
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 _services: Services | None = None
 _balance_sync: asyncio.Task | None = None
 _grace_sweep: asyncio.Task | None = None
+_retention: asyncio.Task | None = None
 
 USAGE_COMMAND = {
     "id": "Usage",
@@ -45,7 +48,7 @@ def services() -> Services:
 
 
 async def startup() -> None:
-    global _services, _balance_sync, _grace_sweep
+    global _services, _balance_sync, _grace_sweep, _retention
     if _services is None:
         _services = await Services.start(load_settings())
         if _services.db is not None:
@@ -54,6 +57,13 @@ async def startup() -> None:
             # Subscribers whose failed payment's grace period ran out go to free: no Stripe
             # event says so. Idempotent SQL, so every process may run it.
             _grace_sweep = asyncio.create_task(grace.sweep_forever(_services, _services.settings))
+        if _services.settings.content_retention_days is not None:
+            from vtai.retention import schedule as retention
+
+            # Hourly; an advisory lock lets one process purge at a time.
+            _retention = asyncio.create_task(retention.purge_forever(_services, _services.settings))
+        # Operator webhooks' delivery loop (off, in one line, without VTAI_WEBHOOK_URLS).
+        await webhooks.start(_services)
         await _first_account_hint(_services)
         if _services.settings.model == models.LOCAL_MODEL_ID:
             # Load the model now rather than on the first user's first message.
@@ -79,7 +89,7 @@ async def _first_account_hint(s: Services) -> None:
 
 
 async def shutdown() -> None:
-    global _services, _balance_sync, _grace_sweep
+    global _services, _balance_sync, _grace_sweep, _retention
     await balances.stop_periodic(_balance_sync)
     _balance_sync = None
     if _grace_sweep is not None:
@@ -87,6 +97,12 @@ async def shutdown() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await _grace_sweep
         _grace_sweep = None
+    if _retention is not None:
+        _retention.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await _retention
+        _retention = None
+    await webhooks.stop(webhooks.current)
     if _services is not None:
         await _services.stop()
         _services = None
@@ -329,6 +345,9 @@ async def run_turn(
         line = await _settled_quota_line(outcome)
         if line:
             reply.content = f"{reply.content}\n\n---\n*{line}*"
+        # Thresholds of a cap this turn crossed, told once (vtai.notify.notices).
+        for told in await notices.after_turn(s, _user_id(), outcome):
+            reply.content += f"\n\n**{told.line(s.settings.usage_period)}**"
         await reply.send()
         return
     if outcome.kind == "failed":
@@ -341,6 +360,7 @@ async def run_turn(
         return
     reply.content = outcome.notice or ""
     reason = outcome.grant.reason if outcome.grant else None
+    notices.refused(s, _user_id(), outcome.grant)  # the operator's event, once per cap/period
     if reason in ("model_not_allowed", "rate_limited"):
         if reason == "model_not_allowed":
             reply.content += await _fall_back()
