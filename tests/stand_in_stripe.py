@@ -305,8 +305,12 @@ class StandInStripe(BackgroundServer):
                 key = key[: -len("[price]")] + "[plan]"
             if update and key == "proration_behavior":
                 self.subscription_updates.append({"path": path, key: value})
-                if value == "create_prorations":
+                if value in ("create_prorations", "always_invoice"):
                     out.append(("prorate", "true"))
+                continue
+            if update and key == "payment_behavior":
+                # localstripe's update doesn't know it; the stand-in records it
+                self.subscription_updates.append({"path": path, key: value})
                 continue
             out.append((key, value))
         if update and not any(k == "proration_behavior" for k, _ in pairs):

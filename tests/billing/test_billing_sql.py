@@ -124,12 +124,13 @@ async def _refund(conn, refunded, amount=1000, ref="pi_1", event=None):
     )
 
 
-async def test_billing_sql_grant_expires_at_the_end_of_the_month_by_default(conn):
+async def test_billing_sql_grant_lasts_to_the_periods_end_and_at_least_30_days(conn):
     user = await add_user(conn)
     assert (await _grant(conn, user))["applied"]
     grant = await conn.fetchrow("select * from token_grants where end_user = $1", user.id)
     start = NOW.replace(day=1, hour=0, minute=0, second=0)
-    assert grant["expires_at"] == (start + timedelta(days=32)).replace(day=1)
+    month_end = (start + timedelta(days=32)).replace(day=1)
+    assert grant["expires_at"] == max(month_end, NOW + timedelta(days=30))
     assert (grant["tokens"], grant["used"], grant["source"], grant["ref"]) == (
         1000,
         0,
@@ -191,7 +192,7 @@ async def test_billing_sql_functions_are_for_the_server_only(conn):
         " join pg_namespace n on n.oid = p.pronamespace"
         " where n.nspname = 'public' and p.proname like 'vtai\\_billing\\_%'"
     )
-    assert len(names) == 10
+    assert len(names) == 12
     for row in names:
         for role in ("anon", "authenticated", "public"):
             if role == "public":
@@ -207,3 +208,97 @@ async def test_billing_sql_functions_are_for_the_server_only(conn):
         assert await conn.fetchval(
             "select has_function_privilege('service_role', $1, 'execute')", row["name"]
         )
+
+
+async def test_billing_sql_a_later_event_applies_even_with_an_earlier_period_end(conn):
+    """Yearly to monthly moves current_period_end earlier: the change and the deletion after
+    it still apply (Stripe's `created` orders them, not the period end)."""
+    user = await add_user(conn)
+    await subscribe(conn, user, "premium", created=NOW, end=NOW + timedelta(days=365))
+    moved = await subscribe(
+        conn, user, "basic", created=NOW + timedelta(seconds=5), end=NOW + timedelta(days=30)
+    )
+    assert "tier premium -> basic" in moved["outcome"]
+    gone = await subscribe(
+        conn, user, "basic", "canceled", created=NOW, end=NOW + timedelta(days=30)
+    )
+    assert "tier basic -> free" in gone["outcome"]  # a deletion applies whenever it comes
+    again = await subscribe(conn, user, "premium", created=NOW + timedelta(seconds=9))
+    assert again["outcome"] == "ignored: the subscription is canceled"
+    assert await tier_of(conn, user) == "free"
+
+
+async def test_billing_sql_same_second_events_never_step_back_to_incomplete(conn):
+    user = await add_user(conn)
+    await subscribe(conn, user, "premium", "active", created=NOW)
+    late = await subscribe(conn, user, "premium", "incomplete", created=NOW)
+    assert late["outcome"] == "ignored: older than the state applied"
+    assert await tier_of(conn, user) == "premium"
+
+
+async def test_billing_sql_active_again_ends_a_grace_period_whatever_came_before(conn):
+    """A declined first card, then a second that pays: incomplete -> active clears the
+    failure, so the sweep never drops a paying user."""
+    user = await add_user(conn)
+    await subscribe(conn, user, "premium", "incomplete", created=NOW)
+    await conn.execute("update billing_subscriptions set payment_failed_at = $1", NOW)
+    await subscribe(conn, user, "premium", "active", created=NOW + timedelta(seconds=1))
+    assert await conn.fetchval("select payment_failed_at from billing_subscriptions") is None
+    assert (
+        await conn.fetch("select * from vtai_billing_sweep($1, 7)", NOW + timedelta(days=30)) == []
+    )
+    assert await tier_of(conn, user) == "premium"
+
+
+async def test_billing_sql_another_products_subscription_never_moves_a_tier(conn):
+    user = await add_user(conn, tier="unlimited")
+    other = await subscribe(conn, user, None, sub="sub_other")
+    assert other["outcome"].startswith("ignored: price_x is not a tier's Price")
+    assert await conn.fetchval("select count(*) from billing_subscriptions") == 0
+    assert await tier_of(conn, user) == "unlimited"
+
+
+async def test_billing_sql_a_grandfathered_price_keeps_its_tier(conn):
+    user = await add_user(conn)
+    await subscribe(conn, user, "premium", created=NOW)
+    # The operator dropped price_x from VTAI_STRIPE_PRICES: its subscribers stay on premium.
+    kept = await subscribe(conn, user, None, created=NOW + timedelta(seconds=1))
+    assert "tier stays premium" in kept["outcome"]
+
+
+async def test_billing_sql_a_refund_before_its_checkout_is_taken_off_the_grant(conn):
+    user = await add_user(conn)
+    early = await _refund(conn, 400, ref="pi_early")
+    assert early["outcome"] == "ignored: no grant paid by pi_early"
+    made = await _grant(conn, user, tokens=1000, ref="pi_early")
+    assert "grant 600 tokens" in made["outcome"]
+    # The next refund of the same charge (Stripe's running total) takes only its own part.
+    later = await _refund(conn, 700, ref="pi_early")
+    assert later["outcome"].startswith("refund 700 of 1000")
+    assert await conn.fetchval("select tokens from token_grants where ref = 'pi_early'") == 300
+
+
+async def test_billing_sql_a_dispute_takes_what_is_left_of_the_grant(conn):
+    user = await add_user(conn)
+    await _grant(conn, user, tokens=1000, ref="pi_d")
+    await conn.execute("update token_grants set used = 250 where ref = 'pi_d'")
+    payload = {"data": {"object": {"payment_intent": "pi_d", "amount": 500}}}
+    await conn.fetchrow(
+        "select * from vtai_billing_refund($1, 'charge.dispute.created', now(), 'pi_d', 500, 500,"
+        " $2::text::jsonb, 'month')",
+        _evt(),
+        json.dumps(payload),
+    )
+    assert await conn.fetchval("select tokens from token_grants where ref = 'pi_d'") == 250
+
+
+async def test_billing_sql_a_deleted_customer_is_unlinked(conn):
+    user = await add_user(conn)
+    await subscribe(conn, user, "premium")
+    gone = await conn.fetchrow(
+        "select * from vtai_billing_customer_deleted($1, 'customer.deleted', now(), 'cus_1',"
+        " '{}'::jsonb)",
+        _evt(),
+    )
+    assert gone["outcome"] == "customer cus_1 unlinked" and gone["user_id"] == user.id
+    assert await conn.fetchval("select count(*) from billing_customers") == 0

@@ -185,10 +185,14 @@ async def test_stand_in_a_subscriber_changes_plan_and_never_gets_a_second_subscr
 
     assert moved.kind == "updated" and moved.url is None
     assert len(stand_in.checkout_params) == sessions_before
-    assert stand_in.subscription_updates[-1] == {
+    # The upgrade is invoiced now and applies only once paid.
+    assert {"path": f"/v1/subscriptions/{sub['id']}", "proration_behavior": "always_invoice"} in (
+        stand_in.subscription_updates
+    )
+    assert {
         "path": f"/v1/subscriptions/{sub['id']}",
-        "proration_behavior": "create_prorations",
-    }
+        "payment_behavior": "pending_if_incomplete",
+    } in stand_in.subscription_updates
     listed = await client.v1.subscriptions.list_async(params={"customer": session["customer"]})
     assert [s.id for s in listed.data] == [sub["id"]]
     assert listed.data[0]["items"]["data"][0]["price"]["id"] == "price_premium"
@@ -200,6 +204,13 @@ async def test_stand_in_a_subscriber_changes_plan_and_never_gets_a_second_subscr
     )
     same = await checkout.start(pool, settings, client, user.id, "price_premium", None)
     assert same.kind == "unchanged" and "already on the Premium plan" in same.words("month")
+    # Down is at the period's end, through the portal; nothing changes while a card fails.
+    await conn.execute("update profiles set tier = 'premium' where id = $1", user.id)
+    with pytest.raises(checkout.BillingError, match="end of your period"):
+        await checkout.start(pool, settings, client, user.id, "price_basic", None)
+    await conn.execute("update billing_subscriptions set status = 'past_due'")
+    with pytest.raises(checkout.BillingError, match="payment failed"):
+        await checkout.start(pool, settings, client, user.id, "price_basic", None)
 
 
 async def test_stand_in_portal_needs_a_customer_and_returns_to_the_app(

@@ -160,11 +160,11 @@ async def test_webhook_older_update_after_a_newer_one_changes_nothing(subscribed
         "premium -> basic"
         in (await app.ok(event("customer.subscription.updated", renewed, now)))["outcome"]
     )
-    # The previous period's update, sent earlier but delivered late: its period is older.
+    # The previous period's update, made earlier by Stripe but delivered late.
     late = basil_subscription(sub, period=(start, end))
-    older = await app.ok(event("customer.subscription.updated", late, now + 5))
+    older = await app.ok(event("customer.subscription.updated", late, now - 5))
     assert older["outcome"] == "ignored: older than the state applied"
-    # Same period, older event time: older too.
+    # Same period, an older event time: older too.
     past_due = basil_subscription(sub, status="past_due", period=(end, end + 30 * 86400))
     assert (await app.ok(event("customer.subscription.updated", past_due, now - 60)))[
         "outcome"

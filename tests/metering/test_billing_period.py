@@ -28,9 +28,9 @@ async def pool(db_url):
 
 async def subscribe(conn, user, start, end, status="active") -> None:
     await conn.execute(
-        "insert into billing_subscriptions (subscription_id, user_id, customer_id, status,"
+        "insert into billing_subscriptions (subscription_id, user_id, customer_id, status, tier,"
         " current_period_start, current_period_end, event_created)"
-        " values ($1, $2, 'cus_test', $3, $4, $5, $4)",
+        " values ($1, $2, 'cus_test', $3, 'premium', $4, $5, $4)",
         f"sub_{uuid.uuid4().hex[:12]}",
         user.id,
         status,

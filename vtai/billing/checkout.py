@@ -157,6 +157,17 @@ async def start(
     if subscription is not None:
         if subscription["price_id"] == price_id and not subscription["cancel_at_period_end"]:
             return Started("unchanged", offer)
+        if subscription["status"] == "past_due":
+            # Otherwise a failing card would buy the top tier for the whole grace period.
+            raise BillingError(
+                "Your last payment failed: update your card under Manage billing, then upgrade."
+            )
+        if subscription["price_id"] != price_id and offer.rank < profile["rank"]:
+            # An immediate downgrade would credit the unused higher tier after its tokens were
+            # spent; Stripe's portal moves to a smaller plan at the period's end instead.
+            raise BillingError(
+                "A smaller plan starts at the end of your period: choose it under Manage billing."
+            )
         await _change_plan(client, subscription, price_id, user_id)
         return Started("updated", offer)
     url = await _checkout(client, settings, offer, user_id, customer, profile["email"], origin)
@@ -176,7 +187,10 @@ async def _change_plan(client, subscription, price_id: str, user_id: uuid.UUID) 
             )
         params: dict[str, Any] = {
             "items": [{"id": field(items[0], "id"), "price": price_id}],
-            "proration_behavior": "create_prorations",
+            # The difference is invoiced and paid now, and the new Price (so the new tier)
+            # applies only once it is: an upgrade is never used before it is paid for.
+            "proration_behavior": "always_invoice",
+            "payment_behavior": "pending_if_incomplete",
             "metadata": {"vtai_user": str(user_id), "vtai_user_id": str(user_id)},
         }
         if subscription["cancel_at_period_end"]:

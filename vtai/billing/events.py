@@ -31,6 +31,9 @@ CHECKOUT_EVENTS = frozenset(
 )
 INVOICE_EVENTS = frozenset({"invoice.paid", "invoice.payment_failed"})
 REFUND_EVENTS = frozenset({"charge.refunded"})
+# A chargeback takes the money back like a whole refund: the grant it paid for goes too.
+DISPUTE_EVENTS = frozenset({"charge.dispute.created"})
+CUSTOMER_DELETED = "customer.deleted"
 
 
 class BadEvent(ValueError):
@@ -145,7 +148,7 @@ def parse(
         raise BadEvent("the event has no created time")
     head = {"p_event_id": event_id, "p_type": kind, "p_created": created}
     if kind in CHECKOUT_EVENTS:
-        return _checkout(head, event, prices, line_items)
+        return _checkout(head, event, prices, line_items, period)
     if kind in SUBSCRIPTION_EVENTS:
         return _subscription(head, event, prices, grace_days)
     if kind in INVOICE_EVENTS:
@@ -177,10 +180,36 @@ def parse(
                 "p_period": period,
             },
         )
+    if kind in DISPUTE_EVENTS:
+        obj = _object(event)
+        amount = obj.get("amount")
+        if not isinstance(amount, int):
+            raise BadEvent("charge.dispute.created without amount")
+        return Call(
+            "vtai_billing_refund",
+            {
+                **head,
+                "p_ref": _id(obj.get("payment_intent")),
+                "p_amount": amount,
+                "p_amount_refunded": amount,
+                "p_payload": event,
+                "p_period": period,
+            },
+        )
+    if kind == CUSTOMER_DELETED:
+        customer = _id(_object(event).get("id"))
+        if customer is None:
+            raise BadEvent("customer.deleted without the customer's id")
+        return Call(
+            "vtai_billing_customer_deleted",
+            {**head, "p_customer": customer, "p_payload": event},
+        )
     return Call("vtai_billing_record", {**head, "p_payload": event})
 
 
-def _checkout(head: dict, event: dict, prices: dict, line_items: list[dict] | None) -> Call:
+def _checkout(
+    head: dict, event: dict, prices: dict, line_items: list[dict] | None, period: str
+) -> Call:
     obj = _object(event)
     metadata = _metadata(obj)
     args = {
@@ -210,6 +239,7 @@ def _checkout(head: dict, event: dict, prices: dict, line_items: list[dict] | No
             if ref is None:
                 raise BadEvent("a paid top-up checkout without its payment_intent")
             args.update(p_grant_tokens=tokens, p_grant_ref=ref)
+    args["p_period"] = period  # a grant lasts to the end of the user's period
     return Call("vtai_billing_checkout", args)
 
 

@@ -1,5 +1,5 @@
 -- The money functions: reserve, record (settle), release, usage, verify.
--- version: 2 (raise it with every change: a database refuses a build whose file is older)
+-- version: 3 (raise it with every change: a database refuses a build whose file is older)
 --
 -- A function file, not a migration: VT.ai re-applies it, in one transaction, whenever its text
 -- differs from the text last applied to the database (vtai/db/migrations.py, docs/supabase.md
@@ -93,7 +93,8 @@ begin
   if p_period = 'billing' then
     select s.current_period_start, s.current_period_end into v_start, v_end
     from billing_subscriptions s
-    where s.user_id = p_user and s.status in ('active', 'trialing', 'past_due', 'unpaid')
+    where s.user_id = p_user and s.tier is not null
+      and s.status in ('active', 'trialing', 'past_due', 'unpaid')
       and s.current_period_start is not null and s.current_period_end > s.current_period_start
     order by s.current_period_end desc
     limit 1;

@@ -1,5 +1,5 @@
 -- What a Stripe event does: link a customer, move a tier, add or refund a top-up grant.
--- version: 1
+-- version: 2
 --
 -- A function file (supabase/migrations/functions/20_metering.sql says what that means); the
 -- tables are in 20261206000000_billing.sql, and vtai/billing/webhook.py is the only caller
@@ -10,10 +10,16 @@
 --   already stored changes nothing: the function answers applied = false. `outcome` says in
 --   words what the event did.
 -- * Out-of-order events never move a user backwards. A subscription event is applied only when
---   its current_period_end is not older than the one stored, and at the same period end only
---   when it is not older than the newest event applied; a canceled subscription never comes
---   back. Invoice events never touch event_created (a late invoice.paid must not hide an
---   earlier upgrade that arrives after it).
+--   Stripe made it no earlier than the newest event applied (its `created`, not when it
+--   arrived); at the same second, when its status is no less advanced (incomplete < live <
+--   canceled) and then its current_period_end no older. Not the period end first: a move from
+--   a yearly to a monthly Price really moves it earlier. A deletion always applies, and a
+--   canceled subscription never comes back. Invoice events never touch event_created (a late
+--   invoice.paid must not hide an earlier upgrade that arrives after it).
+-- * Only subscriptions to a Price VTAI_STRIPE_PRICES maps to a tier are VT.ai's: another
+--   product's subscription on the same Stripe account is stored nowhere and never moves a
+--   tier. A subscription keeps the tier it had while its Price stays the same, so dropping a
+--   grandfathered Price from VTAI_STRIPE_PRICES doesn't downgrade its subscribers.
 -- * A user's tier is derived, not set: a user with at least one subscription row gets the best
 --   tier (largest token_limit, null = unlimited best) among subscriptions that are active,
 --   trialing, past_due or unpaid, minus those whose payment first failed more than the grace
@@ -24,6 +30,10 @@
 --   touches token_grants, because vtai_reserve counts grants while holding that lock.
 -- * Lock order: billing_events row -> billing_subscriptions row -> profiles row; a refund
 --   takes usage_counters -> token_grants. Neither takes a lock the other takes first.
+
+-- Signatures this file replaced.
+drop function if exists public.vtai_billing_checkout(text, text, timestamptz, uuid, text, jsonb,
+                                                     bigint, text, timestamptz);
 
 -- Stores the event; false when it was already stored (a replay or a concurrent duplicate,
 -- which waits here for the first delivery's transaction and then finds it).
@@ -71,7 +81,9 @@ declare
   v_name text;
   v_new text;
 begin
-  if not exists (select 1 from billing_subscriptions s where s.user_id = p_user) then
+  if not exists (
+    select 1 from billing_subscriptions s where s.user_id = p_user and s.tier is not null
+  ) then
     return query select false, null::text, null::text;
     return;
   end if;
@@ -116,7 +128,8 @@ $$;
 
 -- checkout.session.completed: the customer is the user's; a top-up (p_grant_tokens, paid by
 -- PaymentIntent p_grant_ref) adds a grant until p_grant_expires, by default the end of the
--- calendar month the event was created in.
+-- user's period (p_period: VTAI_USAGE_PERIOD) and never sooner than 30 days. A refund or
+-- dispute Stripe sent before this event (a retried delivery) is taken off the grant.
 create or replace function public.vtai_billing_checkout(
   p_event_id text,
   p_type text,
@@ -126,7 +139,8 @@ create or replace function public.vtai_billing_checkout(
   p_payload jsonb,
   p_grant_tokens bigint default null,
   p_grant_ref text default null,
-  p_grant_expires timestamptz default null
+  p_grant_expires timestamptz default null,
+  p_period text default 'month'
 )
 returns table (applied boolean, user_id uuid, old_tier text, new_tier text, outcome text)
 language plpgsql
@@ -139,6 +153,9 @@ declare
   v_words text[] := '{}';
   v_expires timestamptz;
   v_tier text;
+  v_tokens bigint := p_grant_tokens;
+  v_paid bigint;
+  v_refunded bigint;
 begin
   if not vtai_billing_store_event(p_event_id, p_type, p_created, p_payload) then
     return query select false, null::uuid, null::text, null::text, 'duplicate';
@@ -172,13 +189,35 @@ begin
       raise exception 'a top-up grant needs its PaymentIntent (p_grant_ref)'
         using errcode = '22023';
     end if;
-    v_expires := coalesce(p_grant_expires,
-                          vtai_period_end('month', vtai_period_start('month', p_created)));
+    v_expires := coalesce(p_grant_expires, greatest(
+      (select up.period_end from vtai_user_period(v_user, p_period, p_created) up),
+      p_created + interval '30 days'));
+    -- Refunds and disputes that came first (their events found no grant then).
+    select max((e.payload #>> '{data,object,amount}')::bigint),
+           max(case when e.type = 'charge.dispute.created'
+                    then (e.payload #>> '{data,object,amount}')::bigint
+                    else (e.payload #>> '{data,object,amount_refunded}')::bigint end)
+    into v_paid, v_refunded
+    from billing_events e
+    where e.type in ('charge.refunded', 'charge.dispute.created')
+      and e.payload #>> '{data,object,payment_intent}' = p_grant_ref;
+    if coalesce(v_refunded, 0) > 0 and coalesce(v_paid, 0) > 0 then
+      v_tokens := greatest(p_grant_tokens - ceil(
+        p_grant_tokens::numeric * least(v_refunded, v_paid) / v_paid)::bigint, 0);
+      -- Counted as applied, so a later refund of the same charge takes only its own part.
+      update billing_events e
+      set user_id = v_user,
+          outcome = format('refund %s of %s: taken off the grant when it was made',
+                           e.payload #>> '{data,object,amount_refunded}',
+                           e.payload #>> '{data,object,amount}')
+      where e.type = 'charge.refunded'
+        and e.payload #>> '{data,object,payment_intent}' = p_grant_ref;
+    end if;
     insert into token_grants as g (end_user, tokens, expires_at, source, ref)
-    values (v_user, p_grant_tokens, v_expires, 'stripe', p_grant_ref)
+    values (v_user, v_tokens, v_expires, 'stripe', p_grant_ref)
     on conflict (ref) do nothing;
     if found then
-      v_words := v_words || format('grant %s tokens until %s', p_grant_tokens,
+      v_words := v_words || format('grant %s tokens until %s', v_tokens,
                                    to_char(v_expires at time zone 'UTC',
                                            'YYYY-MM-DD"T"HH24:MI:SS"Z"'));
     else
@@ -189,6 +228,17 @@ begin
   perform vtai_billing_outcome(p_event_id, v_user, array_to_string(v_words, '; '));
   return query select true, v_user, v_tier, v_tier, array_to_string(v_words, '; ');
 end
+$$;
+
+-- How far along a subscription's status is, for events Stripe made in the same second.
+create or replace function public.vtai_billing_status_rank(p_status text)
+returns integer
+language sql immutable
+set search_path = pg_catalog
+as $$
+  select case when p_status in ('incomplete', 'incomplete_expired') then 0
+              when p_status = 'canceled' then 2
+              else 1 end
 $$;
 
 -- customer.subscription.created / .updated / .deleted (deleted: p_status 'canceled').
@@ -254,10 +304,13 @@ begin
 
   if v_row.subscription_id is not null and (
        v_row.status = 'canceled'
-       or coalesce(p_period_end, '-infinity') < coalesce(v_row.current_period_end, '-infinity')
-       or (coalesce(p_period_end, '-infinity')
-             = coalesce(v_row.current_period_end, '-infinity')
-           and p_created < v_row.event_created)) then
+       or (p_status <> 'canceled' and (
+             p_created < v_row.event_created
+             or (p_created = v_row.event_created and (
+                   vtai_billing_status_rank(p_status) < vtai_billing_status_rank(v_row.status)
+                   or (vtai_billing_status_rank(p_status) = vtai_billing_status_rank(v_row.status)
+                       and coalesce(p_period_end, '-infinity')
+                             < coalesce(v_row.current_period_end, '-infinity'))))))) then
     v_outcome := case when v_row.status = 'canceled'
                       then 'ignored: the subscription is canceled'
                       else 'ignored: older than the state applied' end;
@@ -275,12 +328,22 @@ begin
     v_words := format('; unknown tier %s for %s', v_tier, coalesce(p_price, '?'));
     v_tier := null;
   end if;
+  if v_tier is null and v_row.subscription_id is not null and p_price = v_row.price_id then
+    v_tier := v_row.tier;  -- a grandfathered Price keeps its tier
+  end if;
+  if v_tier is null and v_row.subscription_id is null then
+    v_outcome := format('ignored: %s is not a tier''s Price (VTAI_STRIPE_PRICES)',
+                        coalesce(p_price, 'the Price'));
+    perform vtai_billing_outcome(p_event_id, v_user, v_outcome || v_words);
+    return query select true, v_user, null::text, null::text, v_outcome || v_words;
+    return;
+  end if;
 
   -- The grace period counts from the first sign of a failed payment; a return to active or
   -- trialing means it was paid.
   v_failed := case
     when p_status in ('past_due', 'unpaid') then coalesce(v_row.payment_failed_at, p_created)
-    when p_status in ('active', 'trialing') and v_row.status in ('past_due', 'unpaid') then null
+    when p_status in ('active', 'trialing') then null
     else v_row.payment_failed_at end;
 
   insert into billing_subscriptions as s (
@@ -475,6 +538,34 @@ begin
 end
 $$;
 
+-- customer.deleted: the link goes, so the user's next Checkout makes a new customer rather
+-- than naming one Stripe no longer has.
+create or replace function public.vtai_billing_customer_deleted(
+  p_event_id text, p_type text, p_created timestamptz, p_customer text, p_payload jsonb
+)
+returns table (applied boolean, user_id uuid, old_tier text, new_tier text, outcome text)
+language plpgsql
+security definer
+set search_path = public, pg_temp
+as $$
+#variable_conflict use_column
+declare
+  v_user uuid;
+  v_outcome text;
+begin
+  if not vtai_billing_store_event(p_event_id, p_type, p_created, p_payload) then
+    return query select false, null::uuid, null::text, null::text, 'duplicate';
+    return;
+  end if;
+  delete from billing_customers c where c.customer_id = p_customer returning c.user_id
+  into v_user;
+  v_outcome := case when v_user is null then format('ignored: no link to %s', p_customer)
+                    else format('customer %s unlinked', p_customer) end;
+  perform vtai_billing_outcome(p_event_id, v_user, v_outcome);
+  return query select true, v_user, null::text, null::text, v_outcome;
+end
+$$;
+
 -- Any other event: kept, doing nothing.
 create or replace function public.vtai_billing_record(
   p_event_id text, p_type text, p_created timestamptz, p_payload jsonb
@@ -514,7 +605,7 @@ begin
   for v_user in
     select distinct s.user_id
     from billing_subscriptions s join profiles p on p.id = s.user_id
-    where s.payment_failed_at is not null
+    where s.payment_failed_at is not null and s.tier is not null
       and s.payment_failed_at + make_interval(days => p_grace_days) <= p_now
       and p.tier <> 'free'
     order by s.user_id
@@ -535,8 +626,10 @@ revoke all on function
   public.vtai_billing_outcome(text, uuid, text),
   public.vtai_billing_retier(uuid, timestamptz, integer, text),
   public.vtai_billing_tier_words(boolean, text, text),
+  public.vtai_billing_status_rank(text),
+  public.vtai_billing_customer_deleted(text, text, timestamptz, text, jsonb),
   public.vtai_billing_checkout(text, text, timestamptz, uuid, text, jsonb, bigint, text,
-                               timestamptz),
+                               timestamptz, text),
   public.vtai_billing_subscription(text, text, timestamptz, uuid, text, text, text, text, text,
                                    timestamptz, timestamptz, boolean, integer, jsonb),
   public.vtai_billing_invoice(text, text, timestamptz, text, text, integer, jsonb),
@@ -549,8 +642,10 @@ grant execute on function
   public.vtai_billing_outcome(text, uuid, text),
   public.vtai_billing_retier(uuid, timestamptz, integer, text),
   public.vtai_billing_tier_words(boolean, text, text),
+  public.vtai_billing_status_rank(text),
+  public.vtai_billing_customer_deleted(text, text, timestamptz, text, jsonb),
   public.vtai_billing_checkout(text, text, timestamptz, uuid, text, jsonb, bigint, text,
-                               timestamptz),
+                               timestamptz, text),
   public.vtai_billing_subscription(text, text, timestamptz, uuid, text, text, text, text, text,
                                    timestamptz, timestamptz, boolean, integer, jsonb),
   public.vtai_billing_invoice(text, text, timestamptz, text, text, integer, jsonb),
