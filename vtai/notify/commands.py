@@ -47,6 +47,19 @@ async def retry(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_calls(settings, work)
 
 
+async def off(settings: Settings, args: argparse.Namespace) -> int:
+    """Stop writing events for every URL: an app process without VTAI_WEBHOOK_URLS leaves the
+    URLs the others deliver to alone, so turning webhooks off everywhere is this command."""
+    from vtai.notify import outbox
+
+    async def work(calls) -> int:
+        await outbox.set_endpoints(calls, ())
+        print("webhooks are off: no event is written until a process starts with VTAI_WEBHOOK_URLS")
+        return 0
+
+    return await _with_calls(settings, work)
+
+
 def register(sub, user) -> None:
     """Add this module's commands: `sub` is vtai's subcommands, `user` those of `vtai user`."""
     hooks = sub.add_parser(
@@ -58,3 +71,6 @@ def register(sub, user) -> None:
     hooks.add_parser(
         "retry", help="send every undelivered event again now (given up on ones too)"
     ).set_defaults(run=retry)
+    hooks.add_parser(
+        "off", help="stop writing events for every URL (after removing VTAI_WEBHOOK_URLS)"
+    ).set_defaults(run=off)

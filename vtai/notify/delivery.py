@@ -89,9 +89,14 @@ class Deliverer:
     async def _send(self, event: dict, url: str) -> tuple[int | None, str | None]:
         payload = signing.body(event)
         try:
-            r = await self._client.post(
-                url, content=payload, headers=signing.headers(self.secret, event, payload)
-            )
+            # A deadline for the whole send: httpx's timeout is per phase, and a receiver that
+            # trickles its answer would keep the send going past its lease.
+            async with asyncio.timeout(self.timeout):
+                r = await self._client.post(
+                    url, content=payload, headers=signing.headers(self.secret, event, payload)
+                )
+        except TimeoutError:
+            return None, f"no answer within {self.timeout:g} s"
         except httpx.HTTPError as exc:
             return None, f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
         if 200 <= r.status_code < 300:
@@ -221,9 +226,8 @@ async def start(services) -> Deliverer | None:
     s = services.settings
     calls = outbox.calls_for(services)
     if not s.webhook_urls:
-        # No URL, no endpoint: vtai_outbox_add() writes nothing (nothing would drain it).
-        with contextlib.suppress(Exception):
-            await outbox.set_endpoints(calls, ())
+        # The URLs other processes deliver to are left alone: one process started without the
+        # variable must not turn webhooks off for all (`vtai webhooks off` does that).
         log.info("webhooks are off: set VTAI_WEBHOOK_URLS (and VTAI_WEBHOOK_SECRET) to send them")
         return None
     current = Deliverer(

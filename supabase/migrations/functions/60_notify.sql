@@ -1,6 +1,6 @@
 -- Quota notices and the operator webhooks' outbox (docs/operations.md, "Quota notices" and
 -- "Webhooks"; vtai/notify/).
--- version: 1
+-- version: 2
 --
 -- A function file (supabase/migrations/functions/20_metering.sql says what that means); the
 -- tables are in 20261207000000_notify.sql.
@@ -362,6 +362,7 @@ set search_path = public, pg_temp
 as $$
   with moved as (
     update webhook_deliveries d set next_attempt_at = now(), failed_at = null, updated_at = now()
+    -- One a sender holds now may go twice (at least once; receivers dedupe by event id).
     where d.delivered_at is null
     returning 1
   )

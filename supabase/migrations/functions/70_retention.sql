@@ -1,6 +1,6 @@
 -- Retention and user data requests: the content purge, a user's deletion, the audit trail's
 -- anonymisation and the audited logout.
--- version: 1
+-- version: 2
 --
 -- A function file (functions/20_metering.sql says what that means); the index and the audit
 -- trigger's exception are in 20261207000200_retention.sql. vtai/retention/ is the only caller
@@ -17,11 +17,12 @@
 --   added to the tombstone's. Counters then still equal the ledger (vtai_verify_counters) and
 --   the aggregates follow the rows through the ledger's update trigger. The tombstone is no
 --   profile: nobody can log in as it, reserve for it or be told apart inside it.
--- * Lock order in vtai_user_delete follows the settle's (vtai_record_batch): ledger rows (and
---   their aggregate buckets), then reservations, then period counters, then day counters, each
---   in key order. A settle that commits between the first ledger pass and the counter locks is
---   caught by a second pass; one still waiting for the counters' locks settles afterwards
---   under the user's id, onto a fresh counter, so counters and ledger stay equal either way.
+-- * vtai_user_delete locks the user's reservations, then period counters, then day counters,
+--   each in key order, and only then moves their ledger rows (which locks their aggregate
+--   buckets): a settle takes its buckets last, so the other order deadlocked with one. A
+--   settle that inserted its row before the delete and waits for the counters' locks settles
+--   afterwards under the user's id, onto a fresh counter (counters and ledger stay equal), with
+--   its content, as does a row replayed later from a spool (docs/operations.md says so).
 
 -- The one id every deleted user's ledger rows are kept under (never a real profile's: those
 -- are random version-4 uuids).
@@ -118,20 +119,40 @@ declare
   v_rows integer;
 begin
   perform set_config('vtai.audit_anonymise', 'on', true);
+  -- Only rows by or about this user (a user.* or key.* action whose target is them) have their
+  -- name replaced, and a target only of such an action: a name can equal a tier's, a model's
+  -- or another user's value elsewhere. Their id (a uuid) is replaced wherever it appears.
+  with about as (
+    select a.id,
+           a.actor = p_name
+             or ((a.action like 'user.%' or a.action like 'key.%')
+                 and (a.target = p_name or a.target = p_user::text
+                      or starts_with(a.target, p_name || '/'))) as theirs
+    from audit_log a
+    where a.actor = p_name
+       or ((a.action like 'user.%' or a.action like 'key.%')
+           and (a.target = p_name or a.target = p_user::text
+                or starts_with(a.target, p_name || '/')))
+       or strpos(a.before::text, v_id_json) > 0 or strpos(a.after::text, v_id_json) > 0
+  )
   update audit_log a
   set actor = case when a.actor = p_name then v_label else a.actor end,
       target = case
+        when not (a.action like 'user.%' or a.action like 'key.%') then a.target
         when a.target = p_name or a.target = p_user::text then v_label
-        when starts_with(a.target, p_name || '/') then v_label || substr(a.target, length(p_name) + 1)
+        when starts_with(a.target, p_name || '/')
+          then v_label || substr(a.target, length(p_name) + 1)
         else a.target end,
-      before = replace(replace(a.before::text, v_name_json, '"' || v_label || '"'),
+      before = replace(case when ab.theirs
+                            then replace(a.before::text, v_name_json, '"' || v_label || '"')
+                            else a.before::text end,
                        v_id_json, '"' || v_label || '"')::jsonb,
-      after = replace(replace(a.after::text, v_name_json, '"' || v_label || '"'),
+      after = replace(case when ab.theirs
+                           then replace(a.after::text, v_name_json, '"' || v_label || '"')
+                           else a.after::text end,
                       v_id_json, '"' || v_label || '"')::jsonb
-  where a.actor = p_name or a.target = p_name or a.target = p_user::text
-     or starts_with(a.target, p_name || '/')
-     or strpos(a.before::text, v_name_json) > 0 or strpos(a.after::text, v_name_json) > 0
-     or strpos(a.before::text, v_id_json) > 0 or strpos(a.after::text, v_id_json) > 0;
+  from about ab
+  where a.id = ab.id;
   get diagnostics v_rows = row_count;
   perform set_config('vtai.audit_anonymise', '', true);
   return v_rows;
@@ -174,7 +195,6 @@ declare
   v_name text;
   v_customers text[];
   v_ledger bigint;
-  v_more bigint;
   v_threads bigint;
   v_events bigint;
   v_audit integer;
@@ -186,26 +206,21 @@ begin
   select coalesce(array_agg(c.customer_id), '{}') into v_customers
   from billing_customers c where c.user_id = p_user;
 
+  -- Reservations, then counters, before any ledger row: a settle takes its ledger row, then
+  -- its reservation and counters, and its aggregate buckets last (the ledger's statement
+  -- trigger), so taking the ledger rows (and through them the buckets) first would deadlock
+  -- with one. A settle is now either committed, and its row moved below, or waiting here.
+  perform 1 from reservations res where res.end_user = p_user order by res.id for update;
+  delete from reservations res where res.end_user = p_user;
+  perform 1 from usage_counters c where c.end_user = p_user order by c.period_start for update;
+  perform 1 from daily_counters d where d.end_user = p_user order by d.day_start for update;
+
   update request_logs r
   set end_user = v_dead, session_id = null, api_key_id = null, legacy_end_user = null,
       messages = null, response = null,
       error = case when r.error ? 'message' then r.error - 'message' else r.error end
   where r.end_user = p_user;
   get diagnostics v_ledger = row_count;
-
-  perform 1 from reservations res where res.end_user = p_user order by res.id for update;
-  delete from reservations res where res.end_user = p_user;
-  perform 1 from usage_counters c where c.end_user = p_user order by c.period_start for update;
-  perform 1 from daily_counters d where d.end_user = p_user order by d.day_start for update;
-
-  -- Rows a settle committed since the first pass (it held the counters until it committed).
-  update request_logs r
-  set end_user = v_dead, session_id = null, api_key_id = null, legacy_end_user = null,
-      messages = null, response = null,
-      error = case when r.error ? 'message' then r.error - 'message' else r.error end
-  where r.end_user = p_user;
-  get diagnostics v_more = row_count;
-  v_ledger := v_ledger + v_more;
   -- The trigger left the user's buckets at zero; a zero bucket adds nothing, but names them.
   delete from usage_aggregates a
   where a.end_user = p_user and a.requests = 0 and a.failures = 0 and a.refusals = 0
