@@ -42,6 +42,9 @@ FULL = {
     "ingest": ["--rows", "20000", "--batch-rows", "100000"],
     "processes": ["--processes", "4", "--users", "200", "--seconds", "30"],
     "memory": ["--sessions", "200"],
+    "retention": ["--rows", "1000000"],
+    "socket_load": ["--levels", "50@20,200@20,500@20", "--seconds", "45"],
+    "admin_scale": ["--rows", "10000000", "--users", "10000", "--export-rows", "1000000"],
 }
 QUICK = {
     "gate_latency": ["--sizes", "1000,10000", "--turns", "300", "--seed-turns", "30"],
@@ -51,6 +54,11 @@ QUICK = {
     "ingest": ["--rows", "2000", "--batch-rows", "10000"],
     "processes": ["--processes", "4", "--users", "40", "--seconds", "5"],
     "memory": ["--sessions", "10"],
+    "retention": ["--rows", "20000"],
+    "socket_load": ["--levels", "3@2", "--seconds", "3", "--saturation-chats", "4"]
+    + ["--saturation-seconds", "2", "--processes", "2", "--chunks", "5", "--gap-ms", "2"],
+    "admin_scale": ["--rows", "20000", "--users", "100", "--export-rows", "2000"]
+    + ["--requests", "20"],
 }
 
 
@@ -104,7 +112,9 @@ async def run(server_url: str, plan: dict, names: list[str]) -> list[tuple[commo
     return done
 
 
-def document(facts: dict, command: str, sections: list[tuple[common.Section, str]]) -> str:
+def document(
+    facts: dict, command: str, sections: list[tuple[common.Section, str]], old: str = ""
+) -> str:
     out = [
         "# Performance",
         "",
@@ -133,8 +143,22 @@ def document(facts: dict, command: str, sections: list[tuple[common.Section, str
         out.append("")
     for section, load in sections:
         out += [section.markdown(), f"_{load}._", ""]
+    out += [*(line for block in hand_written(old) for line in block), ""] if old else []
     out.append(DESIGN)
     return "\n".join(out)
+
+
+# Sections written by hand from the figures (no benchmark emits them): a full run keeps them.
+HAND_WRITTEN = ("## Where the limit is",)
+
+
+def hand_written(old: str) -> list[list[str]]:
+    blocks: list[list[str]] = [[]]
+    for line in old.splitlines():
+        if line.startswith("## "):
+            blocks.append([])
+        blocks[-1].append(line)
+    return [b for b in blocks if b and b[0] in HAND_WRITTEN]
 
 
 def merge(old: str, command: str, sections: list[tuple[common.Section, str]]) -> str:
@@ -259,7 +283,8 @@ async def main() -> None:
     if args.merge and args.out.exists():
         args.out.write_text(merge(args.out.read_text(), command, sections))
     else:
-        args.out.write_text(document(facts, command, sections))
+        before = args.out.read_text() if args.out.exists() else ""
+        args.out.write_text(document(facts, command, sections, before))
     print(f"wrote {args.out}")
 
 

@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from benchmarks import (
+    admin_scale,
     api_vs_proxy,
     common,
     gate_latency,
@@ -16,6 +17,7 @@ from benchmarks import (
     mock_provider,
     processes,
     run_all,
+    socket_load,
     turn_overhead,
 )
 
@@ -201,3 +203,35 @@ def test_run_all_merge_replaces_one_section_and_its_target_rows():
 def _section(title: str, met: bool, cell: str = "1") -> common.Section:
     target = common.Target("t", "goal", "m", met, "why")
     return common.Section(title, f"cmd {title}", ["col"], [[cell]], ["a note"], [target])
+
+
+@pytest.mark.slow
+async def test_socket_load_drives_vtai_and_the_bare_app_over_socketio(bench_db):
+    """Both Chainlit servers in their own processes, chats over socket.io; the provider is the
+    mock (a stand-in for a remote model)."""
+    s = await socket_load.bench(
+        bench_db, [(2, 0.3)], seconds=1.0, saturation_chats=2, saturation_seconds=1.0,
+        processes=1, chunks=3, gap_ms=1, latency_ms=5,
+    )  # fmt: skip
+    d = s.data
+    for side in socket_load.SIDES:
+        for where in (d["levels"]["2@0.3"], d["saturation"]["1"]):
+            assert where[side]["errors"] == 0 and where[side]["turns"] > 0, where[side]
+            assert 0 < where[side]["first_p50"] <= where[side]["last_p50"]
+    # Every VT.ai turn (warm-up turns aside) is one ledger row; nothing left reserved.
+    assert d["rows"] >= d["vtai_turns"] and d["counters_exact"] and d["reserved"] == 0
+    assert "| 2 chats, a message every ~0.3 s | VT.ai |" in s.markdown()
+
+
+@pytest.mark.slow
+async def test_admin_scale_answers_every_route_on_a_small_seed(bench_db):
+    s = await admin_scale.bench(
+        bench_db, rows=400, users=6, days=3, export_rows=100, requests=2, concurrency=2,
+        progress=lambda _line: None, cli_runs=1,
+    )  # fmt: skip
+    d = s.data
+    assert d["rows"] == 400 and d["aggregates"] > 0
+    assert all(r["errors"] == 0 and r["requests"] == 2 for r in d["routes"].values()), d
+    assert 0 < d["export"]["rows"] <= 400 and d["usage_chat"]["errors"] == 0
+    # Seeding again finds the seed and loads nothing.
+    assert (await admin_scale.seed(bench_db, 400, 6, 3, lambda _line: None))["rows"] == 400
