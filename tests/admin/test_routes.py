@@ -361,3 +361,26 @@ async def test_feedback_on_answers_is_listed_for_admins(client, conn, boss):
         ("up", "good", "rater", "Sea facts"),
         ("down", "wrong", "rater", "Sea facts"),
     }
+
+
+async def test_webhook_deliveries_and_their_failures_are_shown_and_retried(client, pool, boss):
+    """The /admin Webhooks panel's API: per URL what was delivered and what fails, the newest
+    errors, and the retry button (vtai.notify)."""
+    from vtai.notify import outbox
+
+    calls = outbox.PoolCalls(pool)
+    await outbox.set_endpoints(calls, ("http://hooks.example/a",))
+    assert await outbox.add(calls, "test.event", {"n": 1}) is not None
+    (claimed,) = await outbox.claim(calls, 10, 60)
+    assert await outbox.done(calls, claimed, 503, "HTTP 503: down", 1) == "retry"
+    sign_in(client, boss)
+    r = await client.get("/admin/api/webhooks")
+    assert r.status_code == 200
+    found = r.json()
+    (endpoint,) = [e for e in found["endpoints"] if e["url"] == "http://hooks.example/a"]
+    assert (endpoint["failing"], endpoint["delivered"]) == (1, 0)
+    assert "HTTP 503: down" in str(found)
+    r = await client.post("/admin/api/webhooks/retry")
+    assert r.status_code == 200 and r.json() == {"retried": 1}
+    client.cookies.clear()
+    assert (await client.get("/admin/api/webhooks")).status_code == 401
