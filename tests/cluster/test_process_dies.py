@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from tests.browser import ASSISTANT, browser_page, login, screenshot, send
 from tests.chainlit_client import ChatClient
@@ -39,6 +40,9 @@ from vtai.cluster.haproxy import COOKIE
 from vtai.cluster.supervisor import STATE
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# The composer's send button can be clicked: its socket is connected and it holds text.
+USABLE = "() => { const b = document.querySelector('#chat-submit'); return !!b && !b.disabled; }"
 
 WORKERS = 3
 PASSWORD = "correct horse battery"
@@ -209,10 +213,24 @@ async def test_a_process_killed_mid_answer_loses_no_chat_and_no_token(cluster, d
         await page.click(f"#thread-{thread_id} a")
         await page.wait_for_url(f"**/thread/{thread_id}", timeout=30_000)
         await page.get_by_text("hello from the browser").first.wait_for(timeout=30_000)
-        # The composer takes messages once the chat has resumed on the live process.
+        # The composer takes messages once the chat has resumed on the live process: its
+        # socket may first land on a process the balancer then moves it off (the cookie still
+        # named the dead one), so wait for the send button to be usable, reloading once.
         await page.get_by_role("button", name="Usage").first.wait_for(timeout=30_000)
         assert "/login" not in page.url
-        after = await send(page, "are you still there?")
+        question = "are you still there?"
+        for attempt in range(2):
+            # (The button is disabled while the composer is empty, so there is text in it.)
+            await page.fill("#chat-input", question)
+            try:
+                await page.wait_for_function(USABLE, timeout=30_000)
+                break
+            except PlaywrightTimeout:
+                if attempt:
+                    raise
+                await page.reload(wait_until="domcontentloaded")
+                await page.get_by_text("hello from the browser").first.wait_for(timeout=30_000)
+        after = await send(page, question)
         await screenshot(page, "cluster_after_kill")
         assert "tokens used" in after
         now_on = {c["name"]: c["value"] for c in await page.context.cookies()}[COOKIE]
