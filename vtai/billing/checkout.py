@@ -116,9 +116,8 @@ async def subscription_of(conn, user_id: uuid.UUID) -> asyncpg.Record | None:
 
 
 async def _profile(conn, user_id: uuid.UUID) -> asyncpg.Record:
-    # to_jsonb: profiles.email comes with self sign-up (issue #19); without it, no email.
     row = await conn.fetchrow(
-        "select p.tier, t.rank, to_jsonb(p) ->> 'email' as email from public.profiles p"
+        "select p.tier, t.rank, p.email from public.profiles p"
         " join public.tiers t on t.name = p.tier where p.id = $1 and p.disabled_at is null",
         user_id,
     )
