@@ -3,10 +3,10 @@ Postgres, and one of them SIGKILLed while a browser chat on it is mid-answer.
 
 The chats reach a live process through the balancer (the browser by resuming the chat from
 the sidebar, a socket.io client by reconnecting to its thread) and go on, signed in, with their
-history. The killed turn's reservation is released by journal recovery (a live sibling's, or
-the restarted process's) seconds after the kill, not at its 900 s TTL; each answered turn is in
-the ledger once, no cap is overshot, and the counters equal the ledger. The supervisor restarts
-the killed process.
+history. The killed turn is settled by journal recovery (a live sibling's, or the restarted
+process's) seconds after the kill, not at its 900 s TTL: charged its prompt and the tokens that
+had streamed, as a stopped turn is. Each answered turn is in the ledger once, no cap is
+overshot, and the counters equal the ledger. The supervisor restarts the killed process.
 
 The model is the FAKE provider in tests/fake_provider.py (a stand-in for a remote API), through
 LiteLLM's real HTTP client; `#mode:slow` makes it answer a token every 100 ms.
@@ -189,8 +189,8 @@ async def test_a_process_killed_mid_answer_loses_no_chat_and_no_token(cluster, d
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
 
-        # Journal recovery gives the in-flight turn's reservation back (and any taken ahead
-        # for the chats' next turns): in seconds, where the TTL is 900 s.
+        # Journal recovery settles the in-flight turn's reservation with its row (and gives
+        # back any taken ahead for the chats' next turns): in seconds, where the TTL is 900 s.
         await app.no_reservations(user, timeout=30)
         released_after = time.monotonic() - killed_at
         await client.close()
@@ -247,16 +247,24 @@ async def test_a_process_killed_mid_answer_loses_no_chat_and_no_token(cluster, d
 
     await until(restarted, "the killed process restarted", timeout=90)
 
-    rows = await app.rows(user, 4)
+    rows = await app.rows(user, 5)
     answered = [r for r in rows if r["status"] == "success"]
-    # The four answers the user saw, once each; the killed turn, which never finished, none.
-    assert len(answered) == 4 and len(rows) == 4, [(r["status"], r["response"]) for r in rows]
-    assert len({r["litellm_call_id"] for r in rows}) == 4
+    # The four answers the user saw, once each; the killed turn once, settled by recovery
+    # with what it had cost when its process died: the prompt and the tokens streamed.
+    assert len(answered) == 4 and len(rows) == 5, [(r["status"], r["response"]) for r in rows]
+    assert len({r["litellm_call_id"] for r in rows}) == 5
+    (cut,) = [r for r in rows if r["status"] == "failure"]
+    details = cut["additional_details"]
+    details = json.loads(details) if isinstance(details, str) else details
+    assert details["process_died"] and details["aborted"] and details["estimated"]
+    assert cut["prompt_tokens"] > 0 and cut["completion_tokens"] == details["streamed_tokens"]
+    # Progress is journaled every 8 tokens; the browser saw more than 10 characters stream.
+    assert cut["completion_tokens"] % 8 == 0
     assert await app.sql("select * from vtai_verify_counters()") == []
     # (The open chats may hold their next turn's reservation ahead: `used` is what counts.)
     used = await app.used(user)
     assert used == sum(r["total_tokens"] for r in rows) <= LIMIT
     log = log_path.read_text()
     assert f"{node} (pid {victim}) ended with signal SIGKILL" in log
-    assert "reservation(s) a dead process held" in log
+    assert "in-flight row(s) of a dead process" in log
     print(f"reservations released {released_after:.1f} s after the kill")

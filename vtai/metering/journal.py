@@ -9,8 +9,11 @@ process that starts up never takes rows that are still being written.
 
 It also lists the reservations the process holds (JournaledGate): one a turn's row names is
 settled by that row; the others, left by a process that died, are released at recovery
-instead of waiting out their TTL. Recovery reads any directory: a process's own at start-up,
-or a sibling's (vtai.cluster.layout), whose lock then says whether its owner is alive.
+instead of waiting out their TTL. A turn whose prompt went out (in_flight) is not released but
+settled: recovery writes the row the turn left, charged its prompt and the tokens that had
+streamed (streamed), as a stopped turn is charged. Recovery reads any directory: a process's
+own at start-up, or a sibling's (vtai.cluster.layout), whose lock then says whether its owner
+is alive.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class Journal:
         self._pending: set[int] = set()
         # reservation id -> (entry number, its line, when): held, no row names it yet
         self._reserved: dict[str, tuple[int, str, float]] = {}
+        # reservation id -> [its in-flight row's line, the last streamed line or None]
+        self._flights: dict[str, list] = {}
 
     def _open(self) -> int:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -85,7 +90,32 @@ class Journal:
         self._pending.add(self._next)
         # The row names its reservation: recovery settles it with the row, not a release.
         self._reserved.pop(str(row.get("reservation_id")), None)
+        self._flights.pop(str(row.get("reservation_id")), None)
         return Hold(row, text, self, self._next)
+
+    def in_flight(self, reservation_id, row: dict, completion_price: float | None) -> None:
+        """The turn holding this reservation sent its prompt. `row`: what the turn is charged
+        if the process dies before its own row is held (the prompt, no answer yet), and
+        `completion_price` what each streamed token adds to its cost (None: unknown)."""
+        rid = str(reservation_id)
+        if rid not in self._reserved:
+            return  # not a reservation recovery would find
+        line = json.dumps(
+            {"flight": rid, "price": completion_price, "row": row},
+            ensure_ascii=False,
+            default=str,
+        )
+        self._write(line + "\n")
+        self._flights[rid] = [line + "\n", None]
+
+    def streamed(self, reservation_id, completion_tokens: int) -> None:
+        """So many answer tokens of the in-flight turn have streamed (its last word counts)."""
+        flight = self._flights.get(str(reservation_id))
+        if flight is None:
+            return
+        line = f'{{"streamed": "{reservation_id}", "tokens": {int(completion_tokens)}}}\n'
+        self._write(line)
+        flight[1] = line
 
     def reserve(self, reservation_id: uuid.UUID, user_id: uuid.UUID, ttl: float) -> None:
         """A reservation this process now holds, until a row names it or it is released."""
@@ -94,6 +124,7 @@ class Journal:
         for rid, (_, _, at) in list(self._reserved.items()):
             if now - at > ttl:
                 del self._reserved[rid]
+                self._flights.pop(rid, None)
         self._next += 1
         line = json.dumps({"reserve": self._next, "id": str(reservation_id), "user": str(user_id)})
         self._write(line + "\n")
@@ -102,6 +133,7 @@ class Journal:
     def unreserve(self, reservation_id: uuid.UUID) -> None:
         """The reservation went back to the database (or was tried: its TTL does the rest)."""
         entry = self._reserved.pop(str(reservation_id), None)
+        self._flights.pop(str(reservation_id), None)
         if entry is not None:
             self._write(f'{{"done": [{entry[0]}]}}\n')
 
@@ -119,7 +151,12 @@ class Journal:
             os.ftruncate(self._fd, 0)
             self._size = 0
             if self._reserved:
-                self._write("".join(line for _, line, _ in self._reserved.values()))
+                self._write(
+                    "".join(line for _, line, _ in self._reserved.values())
+                    + "".join(
+                        flight + (streamed or "") for flight, streamed in self._flights.values()
+                    )
+                )
         else:
             self._write(f'{{"done": {json.dumps(settled)}}}\n')
 
@@ -152,6 +189,24 @@ class Orphan:
     user_id: str
 
 
+def cut_short(row: dict, completion_price: float | None, streamed: int) -> dict:
+    """An in-flight turn's row once its process died: the prompt it was charged, plus the
+    `streamed` answer tokens at `completion_price` each."""
+    row = dict(row)
+    streamed = max(int(streamed), 0)
+    row["completion_tokens"] = streamed
+    row["total_tokens"] = int(row.get("prompt_tokens") or 0) + streamed
+    details = dict(row.get("additional_details") or {})
+    details["streamed_tokens"] = streamed
+    if row.get("total_cost") is not None and (completion_price is not None or not streamed):
+        row["total_cost"] = row["total_cost"] + streamed * (completion_price or 0)
+    else:
+        row["total_cost"] = None
+        details["cost_unknown"] = True
+    row["additional_details"] = details
+    return row
+
+
 def recover(
     directory: Path,
     save: Callable[[list[dict]], None],
@@ -176,6 +231,9 @@ def recover(
             held: dict[int, dict] = {}
             reserved: dict[int, Orphan] = {}
             named: set[str] = set()
+            # reservation id -> (its in-flight row, price per answer token); tokens streamed
+            flights: dict[str, tuple[dict, float | None]] = {}
+            streamed: dict[str, int] = {}
             with open(fd, "rb", closefd=False) as f:
                 for raw in f:
                     try:
@@ -185,16 +243,28 @@ def recover(
                             named.add(str(entry["row"].get("reservation_id")))
                         elif "reserve" in entry:
                             reserved[entry["reserve"]] = Orphan(entry["id"], entry["user"])
+                        elif "flight" in entry:
+                            flights[entry["flight"]] = (entry["row"], entry["price"])
+                        elif "streamed" in entry:
+                            streamed[entry["streamed"]] = int(entry["tokens"])
                         else:
                             for number in entry["done"]:
                                 held.pop(number, None)
                                 reserved.pop(number, None)
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         quarantine(raw.rstrip(b"\n"), f"unreadable in-flight row: {exc}")
-            if held:
-                save(list(held.values()))
-                moved += len(held)
             left = [o for o in reserved.values() if o.reservation_id not in named]
+            # A turn cut mid-answer is settled by its row, charged what went out; a
+            # reservation nothing was sent for goes back.
+            rows = list(held.values()) + [
+                cut_short(*flights[o.reservation_id], streamed.get(o.reservation_id, 0))
+                for o in left
+                if o.reservation_id in flights
+            ]
+            left = [o for o in left if o.reservation_id not in flights]
+            if rows:
+                save(rows)
+                moved += len(rows)
             if left and orphans is not None:
                 orphans(left)
             path.unlink()

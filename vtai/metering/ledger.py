@@ -58,6 +58,20 @@ class Ledger:
         """Keep the row on local disk now, before any await, until record() settles it."""
         return self.spool.hold(*encode(row))
 
+    def in_flight(self, row: dict, completion_price: float | None) -> None:
+        """A turn sent its prompt: if the process dies before the turn's own row is held,
+        recovery settles its reservation with `row` (vtai.metering.journal.Journal.in_flight)."""
+        try:
+            self.spool.journal().in_flight(row["reservation_id"], row, completion_price)
+        except OSError as exc:
+            log.warning("journal write failed (%s): a killed turn would be released", exc)
+
+    def streamed(self, reservation_id: str, completion_tokens: int) -> None:
+        try:
+            self.spool.journal().streamed(reservation_id, completion_tokens)
+        except OSError as exc:
+            log.warning("journal write failed (%s)", exc)
+
     async def record(self, row: dict, held: Hold | None = None) -> bool | None:
         """Write a row with the next batch; on any failure spool it instead. None: spooled.
 

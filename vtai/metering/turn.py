@@ -54,6 +54,12 @@ RETRY_STATUS = frozenset({500, 502, 503, 504})
 # full row (LiteLLM's logging worker gives a hook 20 s); then the row held at the answer is
 # recorded instead.
 HOOK_WAIT = 60.0
+# An in-flight turn's progress goes to the journal every this many streamed tokens: if its
+# process dies, recovery charges the prompt and the tokens streamed by the last such line.
+STREAMED_EVERY = 8
+PROCESS_DIED = (
+    "the app process ended mid-answer; charged the prompt and the tokens streamed before it"
+)
 
 
 @dataclass
@@ -497,9 +503,9 @@ class TurnRunner:
         prepared = await self._prepare(req, call_id, checked)
         if isinstance(prepared, TurnOutcome):
             return prepared
-        grant, messages, dropped, notice = prepared
+        grant, messages, dropped, notice, prompt_tokens = prepared
         call = self.calls.open(self._facts(req, call_id, grant, dropped))
-        streamed = await self._stream(req, call, grant, messages, on_token)
+        streamed = await self._stream(req, call, grant, messages, on_token, prompt_tokens)
         if isinstance(streamed, TurnOutcome):
             return streamed
         reply, usage, finish = streamed
@@ -566,9 +572,10 @@ class TurnRunner:
 
     async def _prepare(
         self, req: TurnRequest, call_id: str, text: str
-    ) -> TurnOutcome | tuple[Grant, list[dict], int, str | None]:
+    ) -> TurnOutcome | tuple[Grant, list[dict], int, str | None, int]:
         """Fit the chat to the model's window and the quota left, and reserve for it:
-        (grant, messages, oldest messages dropped, notice), or the refusal."""
+        (grant, messages, oldest messages dropped, notice, count_prompt's figure), or the
+        refusal."""
         message = {"role": "user", "content": text}
         window = models.context_window(req.model)
         messages, prompt_tokens, dropped = fit_context(req.model, req.history, message, window)
@@ -609,7 +616,7 @@ class TurnRunner:
                 f"The conversation outgrew {req.model}'s context, so the oldest "
                 f"{dropped} messages were left out of this answer."
             )
-        return grant, messages, dropped, notice
+        return grant, messages, dropped, notice, prompt_tokens
 
     async def _stream(
         self,
@@ -618,10 +625,12 @@ class TurnRunner:
         grant: Grant,
         messages: list[dict],
         on_token: Callable[[str], Awaitable[None]],
+        prompt_tokens: int | None = None,
     ) -> TurnOutcome | tuple[str, Tokens | None, str | None]:
         """Call the model and pass its tokens on: (reply, usage, finish reason), or the
         failed turn's outcome. A stop (cancel) is charged and goes on up."""
         parts: list[str] = []
+        rid = call.facts.reservation_id
         usage: Tokens | None = None
         finish = None
         stream = None
@@ -634,6 +643,8 @@ class TurnRunner:
         started = asyncio.get_running_loop().time()
         try:
             sent = True
+            if rid is not None:
+                self._journal_flight(call, messages, prompt_tokens)
             # From the first request to the answer's first chunk: VTAI_REQUEST_TIMEOUT in all.
             async with asyncio.timeout(self.settings.request_timeout) as first_chunk:
                 stream = await self._open_stream(req, messages, call)
@@ -646,6 +657,8 @@ class TurnRunner:
                     delta = chunk.choices[0].delta.content if chunk.choices else None
                     if delta:
                         parts.append(delta)
+                        if rid is not None and len(parts) % STREAMED_EVERY == 0:
+                            self.ledger.streamed(rid, len(parts))
                         await on_token(delta)
                     if finish and usage:
                         # The answer and its usage are in (the usage chunk comes last).
@@ -686,6 +699,28 @@ class TurnRunner:
             if not complete and stream is not None and hasattr(stream, "aclose"):
                 await asyncio.shield(_close(stream))
         return "".join(parts), usage, finish
+
+    def _journal_flight(
+        self, call: OpenCall, messages: list[dict], prompt_tokens: int | None
+    ) -> None:
+        """Before the prompt goes out: the row this turn is charged if its process dies
+        before the turn's own row is held (journal recovery then settles the reservation
+        with it, plus the tokens streamed by then). Counts only, no content: the chat's
+        steps keep what the user saw."""
+        model = call.facts.model
+        exact = tokens.is_exact(model)
+        prompt = prompt_tokens if exact and prompt_tokens is not None else None
+        if prompt is None:
+            prompt = charged_prompt(model, messages)
+        row = rows.build(
+            call.facts,
+            "failure",
+            self.settings.log_content,
+            usage=Tokens(prompt, 0, estimated=True),
+            error={"class": "ProcessDied", "code": None, "message": PROCESS_DIED},
+            details={"aborted": True, "process_died": True, "streamed_tokens": 0},
+        )
+        self.ledger.in_flight(row, Tokens(0, 1).cost(model))
 
     def _hold_provisional(
         self,
