@@ -246,6 +246,20 @@ async def test_a_process_killed_mid_answer_loses_no_chat_and_no_token(cluster, d
         )
 
     await until(restarted, "the killed process restarted", timeout=90)
+    # The operator's view of it: every process healthy, the killed one restarted once.
+    shown = subprocess.run(
+        [sys.executable, "-m", "vtai.cli", "cluster", "status"],
+        cwd=ROOT,
+        env={**os.environ, "VTAI_DATA_DIR": str(data), "VTAI_DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == WORKERS + 1, lines
+    assert all("healthy (HTTP 200)" in line for line in lines if line.startswith("p")), lines
+    assert any(line.startswith(node + " ") and "restarts 1" in line for line in lines), lines
 
     rows = await app.rows(user, 5)
     answered = [r for r in rows if r["status"] == "success"]
