@@ -56,7 +56,8 @@ QUICK = {
     "memory": ["--sessions", "10"],
     "retention": ["--rows", "20000"],
     "socket_load": ["--levels", "3@2", "--seconds", "3", "--saturation-chats", "4"]
-    + ["--saturation-seconds", "2", "--processes", "2", "--chunks", "5", "--gap-ms", "2"],
+    + ["--saturation-seconds", "2", "--processes", "2", "--chunks", "5", "--gap-ms", "2"]
+    + ["--local", "none"],
     "admin_scale": ["--rows", "20000", "--users", "100", "--export-rows", "2000"]
     + ["--requests", "20"],
 }

@@ -14,8 +14,8 @@ Both call a mock OpenAI-compatible provider in its own process with a fixed firs
 latency and token rate (benchmarks/mock_provider.py, plus the latency here). A level `K@S`
 is K chats, each sending a message about every S seconds (people pacing; the first message
 at a random moment in the first S seconds). Saturation: C chats back to back, no pause,
-against 1 and against P app processes on one database (each chat sticks to one process, as
-a balancer's cookie would make it).
+against 1 and against P app processes on one database behind HAProxy (each chat sticks to one
+process by the balancer's cookie, as a browser does).
 
     python benchmarks/socket_load.py [--db-url URL] [--levels 50@20,200@20,500@20]
         [--seconds 60] [--saturation-chats 100] [--saturation-seconds 20] [--processes 3]
@@ -53,6 +53,7 @@ from benchmarks.api_vs_proxy import (  # noqa: E402
 )
 from benchmarks.common import ms, pct  # noqa: E402
 from tests.chainlit_client import ChatClient, login  # noqa: E402
+from vtai.cluster import haproxy  # noqa: E402
 
 ROOT = common.ROOT
 PASSWORD = "socket-load-password"
@@ -60,6 +61,10 @@ AUTH_SECRET = "bench-socket-load-" + "y" * 40
 SIDES = ("vtai", "bare")
 NAMES = {"vtai": "VT.ai", "bare": "bare Chainlit"}
 TURN_TIMEOUT = 60.0
+# The in-process local model (SmolLM2-135M through xllamacpp), on both servers; its answers
+# are capped at LOCAL_MAX_TOKENS so a turn's length doesn't swing with the sampled text.
+LOCAL_MODEL = "local/smollm2-135m"
+LOCAL_MAX_TOKENS = 48
 # The load generator may use at most this share of one core at a level, else the level is
 # not reported (its own queueing would be measured, not the server's).
 CLIENT_CPU_CAP = 0.5
@@ -112,8 +117,11 @@ async def mock(tmp: Path, chunks: int, gap_ms: float, latency_ms: float):
 @dataclass
 class App:
     side: str
-    bases: list[str]  # one per process
-    pids: list[int]
+    bases: list[str]  # one per process, or the balancer's alone
+    pids: list[int]  # the app processes' and the balancer's
+    processes: int = 1
+    # behind HAProxy: each chat first gets the balancer's sticky cookie, as a browser does
+    balanced: bool = False
 
 
 def app_env(mock_base: str) -> dict:
@@ -144,7 +152,14 @@ async def wait_http(base: str, proc, log: Path, what: str, timeout: float = 120)
 
 
 @contextlib.asynccontextmanager
-async def app(side: str, tmp: Path, mock_base: str, db_url: str | None, processes: int = 1):
+async def app(
+    side: str,
+    tmp: Path,
+    mock_base: str,
+    db_url: str | None,
+    processes: int = 1,
+    model: str = "openai/fake",
+):
     """`processes` app processes of one side, each on its own port (and data dir)."""
     async with contextlib.AsyncExitStack() as stack:
         bases, procs = [], []
@@ -154,12 +169,18 @@ async def app(side: str, tmp: Path, mock_base: str, db_url: str | None, processe
             if side == "vtai":
                 env.update(
                     VTAI_DATABASE_URL=db_url,
-                    VTAI_DATA_DIR=str(tmp / f"vtai-{i}"),
-                    VTAI_MODEL="openai/fake",
+                    VTAI_DATA_DIR=str(tmp / f"vtai-{i}-{model.replace('/', '-')}"),
+                    VTAI_MODEL=model,
                 )
+                if model == LOCAL_MODEL:
+                    env["VTAI_MAX_TOKENS"] = str(LOCAL_MAX_TOKENS)
+                if processes > 1:
+                    env["VTAI_TRUSTED_PROXIES"] = "127.0.0.1"  # behind the balancer
                 target = ROOT / "vtai" / "main.py"
             else:
-                env.update(BARE_MODEL="openai/fake", BARE_PASSWORD=PASSWORD)
+                env.update(BARE_MODEL=model, BARE_PASSWORD=PASSWORD)
+                if model == LOCAL_MODEL:
+                    env["BARE_MAX_TOKENS"] = str(LOCAL_MAX_TOKENS)
                 target = ROOT / "benchmarks" / "bare_app" / "app.py"
             args = [sys.executable, "-m", "chainlit", "run", str(target), "--headless"]
             args += ["--host", "127.0.0.1", "--port", str(port)]
@@ -169,7 +190,43 @@ async def app(side: str, tmp: Path, mock_base: str, db_url: str | None, processe
             bases.append(f"http://127.0.0.1:{port}")
         for base, (proc, log) in zip(bases, procs, strict=True):
             await wait_http(base, proc, log, NAMES[side])
-        yield App(side, bases, [p.pid for p, _ in procs])
+        pids = [p.pid for p, _ in procs]
+        if processes == 1:
+            yield App(side, bases, pids)
+            return
+        ports = [int(b.rsplit(":", 1)[1]) for b in bases]
+        lb, lb_pid = await stack.enter_async_context(balancer(tmp, side, ports))
+        yield App(side, [lb], [*pids, lb_pid], processes, balanced=True)
+
+
+@contextlib.asynccontextmanager
+async def balancer(tmp: Path, side: str, ports: list[int]):
+    """HAProxy in front of the processes, with the config `make run WORKERS=N` writes
+    (vtai.cluster.haproxy): round robin, an inserted sticky cookie, health checks."""
+    binary = haproxy.binary()
+    if binary is None:
+        raise Unavailable(f"HAProxy is not installed: {haproxy.INSTALL}")
+    port = free_port()
+    text = haproxy.config("127.0.0.1", port, ports)
+    if side == "bare":
+        text = text.replace("GET /healthz", "GET /auth/config")  # the bare app has no /healthz
+    path = tmp / f"haproxy-{side}.cfg"
+    path.write_text(text)
+    log = tmp / f"haproxy-{side}.log"
+    async with process([binary, "-db", "-f", str(path)], log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        await wait_http(base, proc, log, "HAProxy")
+        yield base, proc.pid
+
+
+async def sticky(base: str, n: int) -> list[str]:
+    """The balancer's cookie for n new browsers: each its first answer's Set-Cookie."""
+    out = []
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        for _ in range(n):
+            async with http.get(f"{base}/auth/config") as r:
+                out.append(r.cookies[haproxy.COOKIE].value)
+    return out
 
 
 # --- the people ----------------------------------------------------------------------------
@@ -243,8 +300,13 @@ async def log_in(bases: list[str], names: list[str], concurrency: int = 4) -> li
     return list(await asyncio.gather(*(one(i, n) for i, n in enumerate(names))))
 
 
-async def open_chats(bases: list[str], tokens: list[str], concurrency: int = 16) -> list[Person]:
+async def open_chats(server: App, tokens: list[str], concurrency: int = 16) -> list[Person]:
     gate = asyncio.Semaphore(concurrency)
+    bases = server.bases
+    if server.balanced:
+        # The access token cookie plus the balancer's: one Cookie header, as a browser sends.
+        nodes = await sticky(bases[0], len(tokens))
+        tokens = [f"{t}; {haproxy.COOKIE}={node}" for t, node in zip(tokens, nodes, strict=True)]
 
     async def one(i: int, token: str) -> Person:
         async with gate:
@@ -259,9 +321,9 @@ async def close_chats(people: list[Person]) -> None:
     await asyncio.gather(*(p.close() for p in people), return_exceptions=True)
 
 
-async def warm_up(bases: list[str], tokens: list[str], expected: str) -> None:
+async def warm_up(server: App, tokens: list[str], expected: str | None) -> None:
     """A few turns on each process first: its first call imports and connects lazily."""
-    people = await open_chats(bases, tokens[: 2 * len(bases)])
+    people = await open_chats(server, tokens[: 2 * server.processes])
     try:
         await drive(people, 3.0, 0, expected)
     finally:
@@ -269,10 +331,15 @@ async def warm_up(bases: list[str], tokens: list[str], expected: str) -> None:
 
 
 async def measure(
-    server: App, tokens: list[str], seconds: float, think: float, db_pids: list[int], expected
+    server: App,
+    tokens: list[str],
+    seconds: float,
+    think: float,
+    db_pids: list[int],
+    expected: str | None,
 ) -> dict:
     """Open one chat per token, drive them, close them: the turns' stats."""
-    people = await open_chats(server.bases, tokens)
+    people = await open_chats(server, tokens)
     timing = Turns()
     try:
         with metered(timing, server.pids, db_pids):
@@ -295,8 +362,9 @@ def metered(out: Turns, pids: list[int], db_pids: list[int]):
     out.client_cpu += time.process_time() - client
 
 
-async def drive(people: list[Person], seconds: float, think: float, expected: str) -> Turns:
-    """Each person sends, reads, thinks about `think` s (0: back to back), until `seconds`."""
+async def drive(people: list[Person], seconds: float, think: float, expected: str | None) -> Turns:
+    """Each person sends, reads, thinks about `think` s (0: back to back), until `seconds`.
+    `expected`: the mock's answer; None (a real model) takes any answer that isn't empty."""
     out = Turns()
     stop = time.perf_counter() + seconds
 
@@ -312,7 +380,7 @@ async def drive(people: list[Person], seconds: float, think: float, expected: st
             except Exception as exc:
                 out.errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 return
-            if answer != expected:
+            if (answer != expected) if expected is not None else not answer:
                 out.errors.append(f"wrong answer {answer[:60]!r}")
             else:
                 out.first.append(first)
@@ -381,7 +449,10 @@ async def bench(
     chunks: int = 40,
     gap_ms: float = 20.0,
     latency_ms: float = 300.0,
+    local: tuple[int, float] | None = None,
+    local_seconds: float = 60.0,
 ) -> common.Section:
+    """`local`: a level K@S run again with the local model on both servers (None: not run)."""
     expected = "".join(mock_provider.answer(chunks))
     most = max([n for n, _ in levels] + [saturation_chats])
     names = await add_people(db_url, most)
@@ -403,6 +474,9 @@ async def bench(
         "saturation_chats": saturation_chats,
         "saturation_seconds": saturation_seconds,
         "level_spec": levels,
+        "local": {},
+        "local_spec": local,
+        "local_seconds": local_seconds,
     }
     vtai_turns = 0
     logged_in: dict[str, list[str]] = {}
@@ -418,7 +492,7 @@ async def bench(
                         if side not in logged_in:
                             logged_in[side] = await log_in(server.bases, names)
                         tokens = logged_in[side]
-                        await warm_up(server.bases, tokens, expected)
+                        await warm_up(server, tokens, expected)
                         db = db_pids if side == "vtai" else []
                         if procs == 1:
                             for n, think in levels:
@@ -442,6 +516,19 @@ async def bench(
                         data["saturation"].setdefault(str(procs), {})[side] = s
                         vtai_turns += s["turns"] if side == "vtai" else 0
                         print(f"  {NAMES[side]} saturation x{procs}: {fmt(s)}", flush=True)
+            if local is not None:
+                n, think = local
+                for side in SIDES:
+                    async with app(side, tmp, mock_base, db_url, 1, LOCAL_MODEL) as server:
+                        if side not in logged_in:
+                            logged_in[side] = await log_in(server.bases, names)
+                        tokens = logged_in[side]
+                        await warm_up(server, tokens, None)
+                        db = db_pids if side == "vtai" else []
+                        s = await measure(server, tokens[:n], local_seconds, think, db, None)
+                        data["local"][side] = s
+                        vtai_turns += s["turns"] if side == "vtai" else 0
+                        print(f"  {NAMES[side]} local model {label(n, think)}: {fmt(s)}")
             data["logs"] = {p.name: _tail(p, 3) for p in sorted(tmp.glob("*.log"))}
     conn = await asyncpg.connect(db_url)
     try:
@@ -516,6 +603,34 @@ def summarize(data: dict) -> common.Section:
                     str(s["errors"]),
                 ]
             )
+    if data["local"]:
+        chats, think = data["local_spec"]
+        b = data["local"].get("bare")
+        for side in SIDES:
+            s = data["local"].get(side)
+            if s is None:
+                continue
+            added = (
+                [ms(s[m] - b[m]) for m in ("first_p50", "first_p99", "last_p50", "last_p99")]
+                if side == "vtai" and b
+                else ["—"] * 4
+            )
+            rows.append(
+                [
+                    f"{chats} chats on the local model, a message every ~{think:g} s",
+                    NAMES[side],
+                    f"{s['turns']:,}",
+                    f"{s['turns_per_s']:.1f}",
+                    ms(s["first_p50"]),
+                    ms(s["first_p99"]),
+                    ms(s["last_p50"]),
+                    ms(s["last_p99"]),
+                    *added,
+                    cpu_cell(s),
+                    f"{s['client_cores']:.2f}",
+                    str(s["errors"]),
+                ]
+            )
     for procs, sides in data["saturation"].items():
         for side in SIDES:
             s = sides.get(side)
@@ -540,7 +655,11 @@ def summarize(data: dict) -> common.Section:
             )
     errors = [
         f"{NAMES[side]} {where}: {s['errors']} ({s['first_error']})"
-        for where, sides in [*data["levels"].items(), *data["saturation"].items()]
+        for where, sides in [
+            *data["levels"].items(),
+            *data["saturation"].items(),
+            *([("local model", data["local"])] if data["local"] else []),
+        ]
         for side, s in sides.items()
         if s["errors"]
     ]
@@ -551,6 +670,11 @@ def summarize(data: dict) -> common.Section:
         f" --saturation-seconds {data['saturation_seconds']:g} --processes {data['processes']}"
         f" --chunks {data['chunks']} --gap-ms {data['gap_ms']:g}"
         f" --latency-ms {data['latency_ms']:g}"
+        + (
+            f" --local {label(*data['local_spec'])} --local-seconds {data['local_seconds']:g}"
+            if data["local_spec"]
+            else ""
+        )
     )
     notes = [
         "Each chat: `POST /login` (a password login), a socket.io connection to "
@@ -574,11 +698,25 @@ def summarize(data: dict) -> common.Section:
         "of a core is not run further: its own queueing would be measured).",
         f"Saturation: {data['saturation_chats']} chats back to back (no pause) for "
         f"{data['saturation_seconds']:g} s on 1 and on {data['processes']} app processes "
-        "sharing the database; with several processes each chat logs in and stays on one "
-        "process (round robin), as a balancer's sticky cookie makes it. The processes are "
-        "started by the benchmark, each with its own port and data dir (no balancer in the "
-        "path). Everything (the app processes, PostgreSQL, the mock and the load generator) "
-        "shares this machine's cores.",
+        "sharing the database. Several processes sit behind HAProxy with the config `make "
+        "run WORKERS=N` writes (vtai.cluster.haproxy: round robin, an inserted sticky cookie, "
+        "health checks; the bare app's on `/auth/config`, having no `/healthz`): each chat "
+        "first gets the balancer's cookie, as a browser's first page load does, then logs in "
+        "and talks through the balancer to the process the cookie names. Server CPU there "
+        "includes HAProxy's. Everything (the app processes, HAProxy, PostgreSQL, the mock and "
+        "the load generator) shares this machine's cores.",
+        *(
+            [
+                f"Local model: `VTAI_MODEL={LOCAL_MODEL}` on VT.ai and the same model on the "
+                "bare app (it registers the LiteLLM provider vtai.llm.local_model, the model "
+                f"runtime only), answers capped at {LOCAL_MAX_TOKENS} tokens on both, "
+                f"{data['local_seconds']:g} s per server. The model is sampled, so answers "
+                "differ in length between turns and servers: the added times here mix VT.ai's "
+                "cost with the model's; server CPU per turn is mostly the model's."
+            ]
+            if data["local"]
+            else []
+        ),
         f"VT.ai ledger rows: {data['rows']:,} of {data['vtai_turns']:,} answered turns; "
         f"counters equal the ledger: {data['counters_exact']}; tokens still reserved after "
         f"the chats closed: {data['reserved']}.",
@@ -624,11 +762,19 @@ async def main() -> None:
     p.add_argument("--chunks", type=int, default=40, help="tokens in the mock's answer")
     p.add_argument("--gap-ms", type=float, default=20.0, help="ms between the mock's tokens")
     p.add_argument("--latency-ms", type=float, default=300.0, help="ms to the first token")
+    p.add_argument(
+        "--local",
+        default="4@5",
+        help="chats@seconds on the local model, both servers ('none': not run)",
+    )
+    p.add_argument("--local-seconds", type=float, default=60, help="per server")
     args = p.parse_args()
+    local = None if args.local == "none" else parse_levels(args.local)[0]
     async with common.database(args.db_url) as url:
         result = await bench(
             url, args.levels, args.seconds, args.saturation_chats, args.saturation_seconds,
-            args.processes, args.chunks, args.gap_ms, args.latency_ms,
+            args.processes, args.chunks, args.gap_ms, args.latency_ms, local,
+            args.local_seconds,
         )  # fmt: skip
     common.finish(result, args.json)
 

@@ -207,15 +207,16 @@ def _section(title: str, met: bool, cell: str = "1") -> common.Section:
 
 @pytest.mark.slow
 async def test_socket_load_drives_vtai_and_the_bare_app_over_socketio(bench_db):
-    """Both Chainlit servers in their own processes, chats over socket.io; the provider is the
-    mock (a stand-in for a remote model)."""
+    """Both Chainlit servers in their own processes, chats over socket.io, on one process and
+    on two behind real HAProxy; the provider is the mock (a stand-in for a remote model)."""
     s = await socket_load.bench(
-        bench_db, [(2, 0.3)], seconds=1.0, saturation_chats=2, saturation_seconds=1.0,
-        processes=1, chunks=3, gap_ms=1, latency_ms=5,
+        bench_db, [(2, 0.3)], seconds=1.0, saturation_chats=4, saturation_seconds=1.0,
+        processes=2, chunks=3, gap_ms=1, latency_ms=5,
     )  # fmt: skip
     d = s.data
     for side in socket_load.SIDES:
-        for where in (d["levels"]["2@0.3"], d["saturation"]["1"]):
+        # (2 processes: behind HAProxy, each chat on the process its sticky cookie names)
+        for where in (d["levels"]["2@0.3"], d["saturation"]["1"], d["saturation"]["2"]):
             assert where[side]["errors"] == 0 and where[side]["turns"] > 0, where[side]
             assert 0 < where[side]["first_p50"] <= where[side]["last_p50"]
     # Every VT.ai turn (warm-up turns aside) is one ledger row; nothing left reserved.

@@ -15,7 +15,14 @@ import litellm
 from chainlit.input_widget import Select
 
 MODEL = os.environ.get("BARE_MODEL", "openai/fake")
-MAX_TOKENS = 512  # VT.ai's default VTAI_MAX_TOKENS
+MAX_TOKENS = int(os.environ.get("BARE_MAX_TOKENS", "512"))  # VT.ai's default VTAI_MAX_TOKENS
+
+if MODEL.startswith("local/"):
+    # The in-process model is a LiteLLM custom provider VT.ai registers; the model runtime
+    # only (vtai.llm.local_model), none of VT.ai's metering.
+    from vtai.llm import local_model
+
+    local_model.register()
 
 
 @cl.password_auth_callback
