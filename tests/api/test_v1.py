@@ -10,67 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from datetime import UTC, datetime
 
-import asyncpg
 import httpx
 import openai
 import pytest
 
-from tests.browser import running_app
+from tests.api.v1_app import HELLO, MAX_TOKENS, MODEL
 from tests.chainlit_client import chat
-from tests.conftest import create_database, drop_database
-from tests.fake_provider import FakeProvider
-from tests.metered_app import MeteredApp
-from vtai.api import keys
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-MODEL = "openai/fake"
-MAX_TOKENS = 40
-
-
-@pytest.fixture(scope="module")
-def provider():
-    p = FakeProvider().start()
-    yield p
-    p.stop()
-
-
-class App(MeteredApp):
-    async def user_with_key(self, **plan):
-        """A user on a tier of their own, and a key of theirs."""
-        user, _ = await self.user_on_plan(**plan)
-        conn = await asyncpg.connect(self.db_url)
-        try:
-            _, plain = await keys.create(conn, user.id, "test key", actor="test")
-        finally:
-            await conn.close()
-        return user, plain
-
-    def client(self, key: str, **kw) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=key, **kw)
-
-
-@pytest.fixture(scope="module")
-async def app(pg_server, template_db, tmp_path_factory, provider):
-    url = await create_database(pg_server, template_db)
-    api_base = provider.url("script")
-    env = {
-        "VTAI_MODEL": MODEL,
-        "OPENAI_API_BASE": api_base,
-        "OPENAI_BASE_URL": api_base,
-        "OPENAI_API_KEY": "sk-test-not-a-real-key",
-        "VTAI_MAX_TOKENS": str(MAX_TOKENS),
-        "VTAI_REQUEST_TIMEOUT": "30",
-        "VTAI_MAX_BODY_BYTES": "65536",
-        "VTAI_MAX_MESSAGE_CHARS": "5000",
-    }
-    async with running_app(url, tmp_path_factory.mktemp("api"), **env) as base:
-        yield App(base, url)
-    await drop_database(pg_server, url)
-
-
-HELLO = [{"role": "user", "content": "Say hello"}]
 
 
 async def test_the_openai_sdk_gets_an_answer_whose_usage_is_what_was_charged(app):
@@ -79,7 +28,7 @@ async def test_the_openai_sdk_gets_an_answer_whose_usage_is_what_was_charged(app
         reply = await client.chat.completions.create(model=MODEL, messages=HELLO)
     assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
     (row,) = await app.rows(user, 1)
-    assert row["source"] == "api" and row["api_key_id"] is not None
+    assert row["source"] == "api" and row["api_key_id"] == await app.key_id(key)
     assert row["status"] == "success" and row["model"] == MODEL
     assert reply.usage.prompt_tokens == row["prompt_tokens"]
     assert reply.usage.completion_tokens == row["completion_tokens"]
@@ -156,6 +105,10 @@ async def test_errors_come_in_openai_shape_and_map_to_the_sdk_classes(app, provi
             await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "x" * 6000}]
             )
+        # A path /v1 doesn't have is OpenAI's 404, not the chat's web page.
+        with pytest.raises(openai.NotFoundError) as nowhere:
+            await client.embeddings.create(model=MODEL, input="hi")
+        assert nowhere.value.code == "unknown_url"
     assert len(provider.calls) == calls
     async with httpx.AsyncClient(base_url=app.base) as http:
         auth = {"Authorization": f"Bearer {key}"}
@@ -252,25 +205,75 @@ async def test_a_client_gone_mid_stream_is_charged_as_a_stop(app, provider):
     assert await app.settled(user) == row["total_tokens"] > 0
 
 
-async def test_chat_and_api_share_one_counter_and_no_key_spends_another_users_quota(app):
-    user, key = await app.user_with_key(token_limit=100_000)
+async def test_chat_and_api_share_one_counter_and_no_key_spends_another_users_quota(app, tmp_path):
+    # Every cap on, so the day's and the dollars' counters are kept too.
+    user, key = await app.user_with_key(
+        token_limit=100_000, daily_limit=100_000, usd_limit=10, rpm=1000
+    )
     other, _ = await app.user_with_key(token_limit=100_000)
     async with await chat(app.base, user.username, "correct horse battery") as client:
         await client.send("Hello from the chat")
-    async with app.client(key) as api:
-        await api.chat.completions.create(model=MODEL, messages=HELLO)
-    rows = await app.rows(user, 2)
-    assert sorted(r["source"] for r in rows) == ["api", "chat"]
+        async with app.client(key) as api:
+            await api.chat.completions.create(model=MODEL, messages=HELLO)
+            await client.send("And again from the chat")
+            stream = await api.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+            async for _ in stream:
+                pass
+    rows = await app.rows(user, 4)
+    assert sorted(r["source"] for r in rows) == ["api", "api", "chat", "chat"]
+    assert {r["status"] for r in rows} == {"success"}
     assert await app.settled(user) == sum(r["counted_tokens"] for r in rows)
     assert await app.rows(other, 0) == []
     assert await app.sql("select * from vtai_verify_counters()") == []
+    # The operator's own check, the real command against the app's database.
+    verify = await asyncio.to_thread(app.vtai, "usage", "--verify", data_dir=tmp_path)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.startswith("ok: usage counters and aggregates equal the ledger")
 
 
-async def test_fifty_streams_and_chats_of_one_user_never_overshoot(app):
-    limit = 3_000
-    user, key = await app.user_with_key(token_limit=limit)
+# Each run sets all four caps of the user's tier and makes one of them the tight one.
+LOOSE = dict(token_limit=1_000_000, daily_limit=1_000_000, usd_limit=100, rpm=10_000)
+CAPS = {
+    "tokens": LOOSE | {"token_limit": 3_000},
+    "daily": LOOSE | {"daily_limit": 3_000},
+    # about 2,000 tokens at openai/fake's catalogue price
+    "usd": LOOSE | {"usd_limit": 0.02},
+    "rpm": LOOSE | {"rpm": 30},
+}
+
+
+async def caps_used(app, user) -> dict:
+    """What each cap counted for `user`, from the counters and from the ledger."""
+    (row,) = await app.sql(
+        "select c.used, c.cost_used::float8 as cost, c.minute_requests,"
+        " (select coalesce(sum(d.used), 0) from daily_counters d"
+        "   where d.end_user = c.end_user and d.day_start = vtai_period_start('day', now()))"
+        "   as today,"
+        " (select coalesce(sum(counted_tokens), 0) from request_logs r"
+        "   where r.end_user = c.end_user and r.period_start = c.period_start) as ledger,"
+        " (select coalesce(sum(counted_tokens), 0) from request_logs r"
+        "   where r.end_user = c.end_user and r.day_start = vtai_period_start('day', now()))"
+        "   as ledger_today,"
+        " (select coalesce(sum(total_cost), 0)::float8 from request_logs r"
+        "   where r.end_user = c.end_user and r.period_start = c.period_start) as ledger_cost,"
+        " (select coalesce(max(n), 0) from (select count(*) as n from request_logs r"
+        "   where r.end_user = c.end_user and r.status <> 'refused'"
+        "   group by date_trunc('minute', r.created_at)) m) as busiest_minute"
+        " from usage_counters c where c.end_user = $1"
+        " and c.period_start = vtai_period_start('month', now())",
+        user.id,
+    )
+    return dict(row)
+
+
+async def hammer(app, user, key, page=None) -> list:
+    """50 API streams and two socket.io chats of five turns (and, with `page`, a browser chat
+    of two), all at once. Returns the browser's replies."""
+    first_turns = asyncio.Event()
+    chats_started = [0]
 
     async def stream(client) -> None:
+        await first_turns.wait()
         try:
             s = await client.chat.completions.create(
                 model=MODEL, messages=HELLO, stream=True, max_tokens=MAX_TOKENS
@@ -282,17 +285,85 @@ async def test_fifty_streams_and_chats_of_one_user_never_overshoot(app):
 
     async def chatting() -> None:
         async with await chat(app.base, user.username, "correct horse battery") as c:
-            for i in range(5):
+            # The first turn of each chat is under way before the streams start, so a chat
+            # turn is answered whichever cap binds; the rest race them.
+            first = await c.send_raw("Chat message 0")
+            await c.wait_for(
+                lambda: any(e in ("stream_token", "task_end") for e, _ in c.events[first:])
+            )
+            chats_started[0] += 1
+            if chats_started[0] == 2:
+                first_turns.set()
+            await c.collect(first)
+            for i in range(1, 5):
                 await c.send(f"Chat message {i}")
 
+    async def browsing() -> list:
+        from tests.browser import send
+
+        await first_turns.wait()
+        return [await send(page, f"Browser message {i}", timeout=60) for i in range(2)]
+
     async with app.client(key, max_retries=0) as client:
-        await asyncio.gather(*(stream(client) for _ in range(50)), chatting(), chatting())
-    used = await app.settled(user)
+        jobs = [*(stream(client) for _ in range(50)), chatting(), chatting()]
+        if page is not None:
+            jobs.append(browsing())
+        done = await asyncio.gather(*jobs)
+    return done[-1] if page is not None else []
+
+
+@pytest.mark.parametrize("tight", list(CAPS))
+async def test_fifty_streams_and_chats_of_one_user_never_overshoot(app, tight):
+    plan = CAPS[tight]
+    user, key = await app.user_with_key(**plan)
+    if tight == "rpm":
+        # One minute's window for the whole run: the ledger's minutes are the turns' own
+        # clocks, which may differ from the database's by a moment at the minute's edge.
+        second = datetime.now(UTC).second + datetime.now(UTC).microsecond / 1e6
+        if second > 50:
+            await asyncio.sleep(60.5 - second)
+    if tight == "tokens":
+        # One real browser chat too, typing while the streams run.
+        from tests.browser import browser_page, login
+
+        async with browser_page() as page:
+            await login(page, app.base, user.username)
+            replies = await hammer(app, user, key, page)
+        assert len(replies) == 2 and all(replies), replies
+    else:
+        await hammer(app, user, key)
+    await app.no_reservations(user)
+    used = await caps_used(app, user)
+    # No cap overshoots: the period's tokens, today's, the dollars, the requests in a minute.
+    assert used["used"] <= plan["token_limit"]
+    assert used["today"] <= plan["daily_limit"]
+    assert used["cost"] <= plan["usd_limit"] and used["ledger_cost"] <= plan["usd_limit"]
+    assert used["busiest_minute"] <= plan["rpm"] and used["minute_requests"] <= plan["rpm"]
+    # The counters are the ledger.
+    assert used["used"] == used["ledger"] and used["today"] == used["ledger_today"]
+    assert used["cost"] == pytest.approx(used["ledger_cost"], abs=1e-9)
+    assert await app.sql("select * from vtai_verify_counters()") == []
+    # The tight cap was reached, not dodged.
+    reached = {
+        "tokens": used["used"] > plan["token_limit"] // 2,
+        "daily": used["today"] > plan["daily_limit"] // 2,
+        "usd": used["cost"] > plan["usd_limit"] / 2,
+        "rpm": used["busiest_minute"] == plan["rpm"],
+    }
+    assert reached[tight], used
     rows = await app.sql(
-        "select coalesce(sum(counted_tokens), 0)::bigint as n from request_logs"
-        " where end_user = $1",
+        "select source, status, additional_details::jsonb ->> 'reason' as reason"
+        " from request_logs where end_user = $1",
         user.id,
     )
-    assert used == rows[0]["n"] <= limit
-    assert used > limit // 2  # the cap was reached, not dodged
-    assert await app.sql("select * from vtai_verify_counters()") == []
+    refusals = {r["reason"] for r in rows if r["status"] == "refused"}
+    assert refusals, "nothing was refused: the cap did not bind"
+    expected = {
+        "tokens": {"quota_exhausted", "prompt_exceeds_quota"},
+        "daily": {"daily_exhausted", "prompt_exceeds_daily"},
+        "usd": {"usd_exhausted", "prompt_exceeds_usd"},
+        "rpm": {"rate_limited"},
+    }[tight]
+    assert refusals <= expected | {"short_answer_only"}, refusals
+    # Chat turns were answered, not only refused.
+    assert any(r["source"] == "chat" and r["status"] == "success" for r in rows)

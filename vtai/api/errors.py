@@ -10,8 +10,8 @@ from starlette.responses import JSONResponse
 
 from vtai.metering.gate import QUOTA_REASONS, Grant
 
-# A cap that lifts later than this is "hard": the SDKs are told not to retry it.
-RETRY_WITHIN = 60.0
+DAILY_REASONS = frozenset({"daily_exhausted", "prompt_exceeds_daily"})
+USD_REASONS = frozenset({"usd_exhausted", "prompt_exceeds_usd"})
 
 # A refused turn's reason -> (status, OpenAI error type, code).
 STATUS = {
@@ -47,20 +47,57 @@ def duration(seconds: float) -> str:
     return f"{hours}h{text}" if hours else text
 
 
+def _tokens_left(grant: Grant) -> tuple[int | None, int]:
+    """(the refusing cap's limit, counted tokens it has left) for a token or dollar refusal.
+
+    The grant of a refusal carries each counter's used tokens but today's reservations only
+    in the refusal itself: a spent cap is 0 left, a prompt too big for one is what its used
+    tokens leave (at most that, turns in flight hold some of it)."""
+    reason = grant.reason
+    if reason in DAILY_REASONS:
+        if reason == "daily_exhausted" or grant.daily_limit is None:
+            return grant.daily_limit, 0
+        return grant.daily_limit, max(grant.daily_limit - grant.daily_used, 0)
+    if reason in USD_REASONS:
+        # Dollars, not tokens, refused: no token allowance is left to spend on this model.
+        return None, 0
+    if reason == "quota_exhausted":
+        return grant.token_limit, 0
+    return grant.token_limit, grant.remaining or 0
+
+
+def _usd(amount: float) -> str:
+    """Dollars as the ledger keeps them, to 8 decimals, without trailing zeros."""
+    return f"{amount:.8f}".rstrip("0").rstrip(".")
+
+
 def limit_headers(grant: Grant | None) -> dict:
-    """Retry-After and the x-ratelimit-* headers for a refusal at a cap."""
+    """Retry-After and the x-ratelimit-* headers of the cap that refused (docs/api.md lists
+    them per cap). The reset is the grant's `resets_at`, which vtai_reserve() sets to the
+    refusing cap's own: the period's end, the day's end or the minute's end."""
     if grant is None or grant.resets_at is None:
         return {"x-should-retry": "false"}
     wait = max((grant.resets_at - datetime.now(UTC)).total_seconds(), 0.0)
-    headers = {
-        "retry-after": str(math.ceil(wait)),
-        "x-ratelimit-reset-tokens": duration(wait),
-        "x-ratelimit-remaining-tokens": str(grant.remaining or 0),
-    }
+    headers = {"retry-after": str(math.ceil(wait))}
     if grant.reason == "rate_limited":
+        # Lifts within the minute: the SDKs retry it, after Retry-After.
         headers["x-ratelimit-remaining-requests"] = "0"
         headers["x-ratelimit-reset-requests"] = duration(wait)
-    if wait > RETRY_WITHIN:
+        if grant.rpm is not None:
+            headers["x-ratelimit-limit-requests"] = str(grant.rpm)
+        return headers
+    limit, left = _tokens_left(grant)
+    headers["x-ratelimit-remaining-tokens"] = str(left)
+    headers["x-ratelimit-reset-tokens"] = duration(wait)
+    if limit is not None:
+        headers["x-ratelimit-limit-tokens"] = str(limit)
+    if grant.reason in USD_REASONS and grant.usd_limit is not None:
+        spent = grant.reason == "usd_exhausted"
+        usd_left = 0.0 if spent else max(grant.usd_limit - grant.usd_used, 0.0)
+        headers["x-vtai-limit-usd"] = _usd(grant.usd_limit)
+        headers["x-vtai-remaining-usd"] = _usd(usd_left)
+    if grant.reason in QUOTA_REASONS:
+        # A spent quota lifts at the period's or the day's end: retrying now only adds rows.
         headers["x-should-retry"] = "false"
     return headers
 

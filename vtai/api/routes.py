@@ -375,10 +375,29 @@ async def list_models(request: Request) -> Response:
     )
 
 
+async def unknown_url(request: Request) -> Response:
+    """Any other path under /v1: OpenAI's 404, not the chat's web page (which Chainlit's
+    catch-all would serve to a GET) or a bare 405."""
+    return errors.error(
+        404,
+        f"Invalid URL ({request.method} {request.url.path}): this server offers "
+        "POST /v1/chat/completions and GET /v1/models.",
+        "invalid_request_error",
+        "unknown_url",
+    )
+
+
 def build_router() -> APIRouter:
     router = APIRouter()
     router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route("/v1/models", list_models, methods=["GET"])
+    # Last: the two above match first.
+    router.add_api_route(
+        "/v1/{path:path}",
+        unknown_url,
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        include_in_schema=False,
+    )
     return router
 
 
