@@ -45,6 +45,11 @@ async def test_admin_dashboard_end_to_end(db_url, conn, tmp_path, balance_api):
     ]
     await seed_traffic(conn, [p.id for p in people], 3000, datetime.now(UTC), days=30)
     alice = people[0]
+    # More users than one page of the users table holds (no password: they never sign in).
+    await conn.execute(
+        "insert into profiles (username) select 'zz-member-' || lpad(g::text, 3, '0')"
+        " from generate_series(0, 249) g"
+    )
 
     async with (
         running_app(
@@ -75,7 +80,37 @@ async def test_admin_dashboard_end_to_end(db_url, conn, tmp_path, balance_api):
         assert len(loaded["logs"]["rows"]) == 50
         await screenshot(page, "admin_dashboard")
 
-        # Filter the log: alice's successful requests.
+        # The users table: the first 100 names, then 100 more on request, then the rest.
+        names = sorted(await conn.fetch("select username from profiles"), key=lambda r: r[0])
+        assert len(loaded["users"]["users"]) == 100
+        assert len(await table_rows(page, "#users")) == 100
+        await page.click("#users-more")
+        await page.wait_for_function("() => window.vtaiAdmin.users.users.length === 200")
+        await page.click("#users-more")
+        await page.wait_for_function(f"() => window.vtaiAdmin.users.users.length === {len(names)}")
+        assert await page.is_hidden("#users-more")
+        shown = await page.evaluate("window.vtaiAdmin.users.users.map(u => u.username)")
+        in_db = await conn.fetch("select username from profiles order by username")
+        assert shown == [r["username"] for r in in_db]
+        # The search asks the server for names starting with what is typed.
+        await page.fill("#users-search", "ZZ-MEMBER-12")
+        await page.wait_for_function("() => window.vtaiAdmin.users.users.length === 10")
+        rows = await table_rows(page, "#users")
+        assert [r[0] for r in rows] == [f"zz-member-12{i}" for i in range(10)]
+        await page.fill("#users-search", "")
+        await page.wait_for_function("() => window.vtaiAdmin.users.users.length === 100")
+        # ...through the real server: the page's cookie, the route's keyset and prefix.
+        api = page.context.request
+        r = await api.get(base + "/admin/api/users?limit=100&after=zz-member-199&q=zz")
+        assert r.ok and [u["username"] for u in (await r.json())["users"]] == [
+            f"zz-member-{i}" for i in range(200, 250)
+        ]
+        r = await api.get(base + "/admin/api/users?limit=5&q=al")
+        assert [u["username"] for u in (await r.json())["users"]] == ["alice"]
+
+        # Filter the log: alice's successful requests, alice found by typing her name.
+        await page.fill("#log-user-search", "ali")
+        await page.wait_for_function("() => (window.vtaiAdmin.logUsers || []).join() === 'alice'")
         await page.select_option("#log-filter [name=user]", str(alice.id))
         await page.select_option("#log-filter [name=status]", "success")
         await page.click("#log-filter button[type=submit]")

@@ -140,50 +140,90 @@ async function loadSeries() {
 $("#range").addEventListener("change", () => loadSeries().catch((e) => say(e.message, true)));
 
 // ---- users -------------------------------------------------------------------------------
+// 100 at a time by name (the route's keyset: `after` the last name shown), "More users" for
+// the next 100; the search box asks the server for names starting with what is typed.
 
-async function loadUsers() {
-  const u = (state.users = await api("/admin/api/users"));
-  const body = $("#users tbody");
-  body.replaceChildren();
-  for (const user of u.users) {
-    const tr = document.createElement("tr");
-    tr.dataset.user = user.username;
-    cell(tr, user.username + (user.is_admin ? " (admin)" : ""));
-    const td = cell(tr, "");
-    const select = document.createElement("select");
-    select.className = "tier";
-    for (const t of u.tiers) select.add(new Option(t.name, t.name, false, t.name === user.tier));
-    const save = document.createElement("button");
-    save.type = "button";
-    save.textContent = "Save";
-    save.className = "save-tier";
+const USERS_PAGE = 100;
+const users = { after: null, q: "", asked: 0 };
+
+function debounce(fn, ms) {
+  let timer;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+function userRow(user, tiers) {
+  const tr = document.createElement("tr");
+  tr.dataset.user = user.username;
+  cell(tr, user.username + (user.is_admin ? " (admin)" : ""));
+  const td = cell(tr, "");
+  const select = document.createElement("select");
+  select.className = "tier";
+  for (const t of tiers) select.add(new Option(t.name, t.name, false, t.name === user.tier));
+  const save = document.createElement("button");
+  save.type = "button";
+  save.textContent = "Save";
+  save.className = "save-tier";
+  save.disabled = true;
+  select.addEventListener("change", () => (save.disabled = select.value === user.tier));
+  save.addEventListener("click", async () => {
     save.disabled = true;
-    select.addEventListener("change", () => (save.disabled = select.value === user.tier));
-    save.addEventListener("click", async () => {
-      save.disabled = true;
-      try {
-        const changed = await api("/admin/api/users/" + user.id + "/tier", {
-          method: "POST",
-          headers: { "Content-Type": "application/json" },
-          body: JSON.stringify({ tier: select.value }),
-        });
-        say(changed.username + " is now on the " + changed.tier + " tier.");
-        await Promise.all([loadUsers(), loadSummary()]);
-      } catch (err) {
-        say("Tier change failed: " + err.message, true);
-        save.disabled = false;
-      }
-    });
-    td.append(select, " ", save);
-    cell(tr, num(user.used), "num");
-    cell(tr, user.limit === null ? "no limit" : num(user.limit), "num");
-    cell(tr, user.remaining === null ? "–" : num(user.remaining), "num");
-    cell(tr, user.last_active ? when(user.last_active).slice(0, 16) : "never");
-    body.appendChild(tr);
+    try {
+      const changed = await api("/admin/api/users/" + user.id + "/tier", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ tier: select.value }),
+      });
+      say(changed.username + " is now on the " + changed.tier + " tier.");
+      await Promise.all([loadUsers(), loadSummary()]);
+    } catch (err) {
+      say("Tier change failed: " + err.message, true);
+      save.disabled = false;
+    }
+  });
+  td.append(select, " ", save);
+  cell(tr, num(user.used), "num");
+  cell(tr, user.limit === null ? "no limit" : num(user.limit), "num");
+  cell(tr, user.remaining === null ? "–" : num(user.remaining), "num");
+  cell(tr, user.last_active ? when(user.last_active).slice(0, 16) : "never");
+  return tr;
+}
+
+// more: append the next page to what is shown; else start again from the first name.
+async function loadUsers(more) {
+  const asked = ++users.asked;
+  const params = new URLSearchParams({ limit: USERS_PAGE });
+  if (users.q) params.set("q", users.q);
+  if (more && users.after) params.set("after", users.after);
+  const u = await api("/admin/api/users?" + params);
+  if (asked !== users.asked) return; // a newer search or page was asked for meanwhile
+  const body = $("#users tbody");
+  if (more && state.users) {
+    state.users = { ...u, users: state.users.users.concat(u.users) };
+  } else {
+    state.users = u;
+    body.replaceChildren();
   }
-  fillSelect($("#log-filter [name=user]"), u.users.map((x) => [x.id, x.username]));
+  for (const user of u.users) body.appendChild(userRow(user, u.tiers));
+  users.after = u.users.length === USERS_PAGE ? u.users[u.users.length - 1].username : null;
+  $("#users-more").hidden = !users.after;
+  const shown = state.users.users.length;
+  $("#users-shown").textContent = shown
+    ? shown + (users.after ? " shown, more below" : " shown") + (users.q ? ' starting with "' + users.q + '"' : "")
+    : "no user's name starts with " + JSON.stringify(users.q);
   fillSelect($("#log-filter [name=model]"), u.models.map((m) => [m, m || "(none)"]));
 }
+
+$("#users-more").addEventListener("click", () => loadUsers(true).catch((e) => say(e.message, true)));
+$("#users-search").addEventListener(
+  "input",
+  debounce((e) => {
+    users.q = e.target.value.trim();
+    loadUsers().catch((err) => say(err.message, true));
+  }, 250)
+);
 
 function fillSelect(select, pairs) {
   const keep = select.value;
@@ -191,6 +231,30 @@ function fillSelect(select, pairs) {
   for (const [value, label] of pairs) select.add(new Option(label, value));
   select.value = keep;
 }
+
+// The log's user filter: the names starting with what is typed (20 at most), from the same
+// paged route, never the whole user list. The chosen user stays chosen while the list changes.
+const LOG_USERS = 20;
+let logUsersAsked = 0;
+
+async function findLogUsers(q) {
+  const asked = ++logUsersAsked;
+  const params = new URLSearchParams({ limit: LOG_USERS });
+  if (q) params.set("q", q);
+  const u = await api("/admin/api/users?" + params);
+  if (asked !== logUsersAsked) return;
+  const select = $("#log-filter [name=user]");
+  const chosen = select.value ? [select.value, select.selectedOptions[0].textContent] : null;
+  const pairs = u.users.map((x) => [x.id, x.username]);
+  if (chosen && !pairs.some(([id]) => id === chosen[0])) pairs.unshift(chosen);
+  fillSelect(select, pairs);
+  state.logUsers = u.users.map((x) => x.username);
+}
+
+$("#log-user-search").addEventListener(
+  "input",
+  debounce((e) => findLogUsers(e.target.value.trim()).catch((err) => say(err.message, true)), 250)
+);
 
 // ---- request log -------------------------------------------------------------------------
 
@@ -558,6 +622,6 @@ async function loadFeedback() {
 
 // ---- start -------------------------------------------------------------------------------
 
-Promise.all([loadSummary(), loadSeries(), loadUsers(), loadLogs(0), loadFeedback(), loadPlans(), loadKeys()])
+Promise.all([loadSummary(), loadSeries(), loadUsers(), findLogUsers(""), loadLogs(0), loadFeedback(), loadPlans(), loadKeys()])
   .then(() => (document.body.dataset.loaded = "true"))
   .catch((e) => say(e.message, true));

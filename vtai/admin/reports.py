@@ -2,6 +2,7 @@
 changes, and the request log one keyset page at a time.
 """
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -47,63 +48,146 @@ def _day(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+# The closed days and hours the reads below need, rolled up (each built once, the first time
+# it is asked for), and the database's own day and hour: rollups cover what is before them,
+# the live hour buckets what is after, so both sides agree on where a day or an hour ends.
+_FILL = """
+    select public.vtai_usage_rollups_fill($1::timestamptz, $2::timestamptz) as days,
+           public.vtai_usage_hour_rollups_fill(
+             coalesce($3::timestamptz, greatest($1, t.today)), $2)
+             as hours,
+           t.today, t.hour
+    from (select date_trunc('day', now() at time zone 'UTC') at time zone 'UTC' as today,
+                 date_trunc('hour', now() at time zone 'UTC') at time zone 'UTC' as hour) t
+"""
+
+# Every bucket of [$1, $2) once: closed days from usage_rollups, today's closed hours from
+# usage_hour_rollups, the current hour from the live per-user hour buckets (a few thousand
+# rows at most). $3 and $4: the database's day and hour (_FILL). `day` is the bucket's day.
+_BUCKETS = """
+    select bucket_start, bucket_start as day, model, requests, failures, refusals,
+           prompt_tokens, completion_tokens, total_tokens, cost
+    from public.usage_rollups
+    where bucket_start >= $1::timestamptz
+      and bucket_start < least($2::timestamptz, $3::timestamptz)
+      and $4::timestamptz is not null
+      and not (model = '' and requests = 0)
+    union all
+    select bucket_start, $3, model, requests, failures, refusals,
+           prompt_tokens, completion_tokens, total_tokens, cost
+    from public.usage_hour_rollups
+    where bucket_start >= greatest($1, $3) and bucket_start < least($2, $4)
+      and not (model = '' and requests = 0)
+    union all
+    select bucket_start, $3, model, requests, failures, refusals,
+           prompt_tokens, completion_tokens, total_tokens, cost
+    from public.usage_aggregates
+    where granularity = 'hour' and bucket_start >= greatest($1, $4) and bucket_start < $2
+"""
+
+# Hour by hour (the one-day chart): closed hours' rollups, then the live buckets.
+_HOURS = """
+    select bucket_start, model, requests, failures, refusals,
+           prompt_tokens, completion_tokens, total_tokens, cost
+    from public.usage_hour_rollups
+    where bucket_start >= $1::timestamptz
+      and bucket_start < least($2::timestamptz, $4::timestamptz)
+      and $3::timestamptz is not null and not (model = '' and requests = 0)
+    union all
+    select bucket_start, model, requests, failures, refusals,
+           prompt_tokens, completion_tokens, total_tokens, cost
+    from public.usage_aggregates
+    where granularity = 'hour' and bucket_start >= greatest($1, $4) and bucket_start < $2
+"""
+
+
+# An end for "everything from here on" that Postgres and Python both hold.
+_FAR = datetime(LAST_YEAR, 1, 1, tzinfo=UTC)
+
+
+async def _filled(
+    conn: asyncpg.Connection, start: datetime, end: datetime, hours_from: datetime | None = None
+) -> tuple:
+    """The day rollups of [start, end) built, and the hour rollups from `hours_from` (default:
+    the database's today); returns the database's (today, current hour)."""
+    row = await conn.fetchrow(_FILL, start, end, hours_from)
+    return row["today"], row["hour"]
+
+
+# Summaries being computed, by (pool, period): a request that arrives while one runs waits for
+# it rather than starting another. Nothing is kept once it is done, so an answer is never older
+# than the computation under way when it was asked for (~10 ms), but ten admins asking at
+# once cost the database one summary, not ten (its count of users at their limit joins every
+# user's counter of the period: ~5 ms at 10^4 users).
+_summaries: dict[tuple[asyncpg.Pool, str], asyncio.Future] = {}
+
+
 async def summary(pool: asyncpg.Pool, period: str, now: datetime | None = None) -> dict:
-    now = now or datetime.now(UTC)
+    if now is not None:  # a given time (tests, reports of the past): computed for the caller
+        return await _summary(pool, period, now)
+    key = (pool, period)
+    running = _summaries.get(key)
+    if running is None or running.get_loop() is not asyncio.get_running_loop():
+        running = _summaries[key] = asyncio.ensure_future(_summary(pool, period, datetime.now(UTC)))
+        running.add_done_callback(
+            lambda done: _summaries.pop(key) if _summaries.get(key) is done else None
+        )
+    # shielded: one waiter going away (a closed tab) does not cancel it for the others
+    return await asyncio.shield(running)
+
+
+async def _summary(pool: asyncpg.Pool, period: str, now: datetime) -> dict:
     today = _day(now)
     # Totals over everyone: the calendar month when each subscriber has a period of their own.
     calendar = "month" if period == "billing" else period
-    period_start = await pool.fetchval("select public.vtai_period_start($1, $2)", calendar, now)
-    # Closed days come from usage_rollups (one row per day and model), today from the live
-    # buckets: never a sum over every user's buckets of the period.
-    since = min(today, period_start)
-    await pool.execute("select public.vtai_usage_rollups_fill($1, $2)", since, today)
-    totals = await pool.fetchrow(
-        """
-        with days as (
-          select bucket_start, requests, total_tokens, cost from public.usage_rollups
-          where bucket_start >= $4::timestamptz and bucket_start < $1::timestamptz
-          union all
-          select bucket_start, requests, total_tokens, cost from public.usage_aggregates
-          where granularity = 'day' and bucket_start >= $1::timestamptz
+    async with pool.acquire() as conn:
+        period_start = await conn.fetchval("select public.vtai_period_start($1, $2)", calendar, now)
+        since = min(today, period_start)
+        db_today, db_hour = await _filled(conn, since, _FAR)
+        totals = await conn.fetchrow(
+            f"""
+            with b as (
+              select
+                coalesce(sum(requests) filter (where bucket_start >= $5), 0)::bigint
+                  as today_requests,
+                coalesce(sum(total_tokens) filter (where bucket_start >= $5), 0)::bigint
+                  as today_tokens,
+                coalesce(sum(cost) filter (where bucket_start >= $5), 0) as today_cost,
+                coalesce(sum(requests) filter (where bucket_start >= $6), 0)::bigint
+                  as period_requests,
+                coalesce(sum(total_tokens) filter (where bucket_start >= $6), 0)::bigint
+                  as period_tokens,
+                coalesce(sum(cost) filter (where bucket_start >= $6), 0) as period_cost
+              from ({_BUCKETS}) x
+            ), u as (
+              -- active = the user's newest bucket on or after the day's (period's) start
+              select count(*) filter (where last_hour >= $5) as today_users,
+                     count(*) filter (where last_hour >= $6) as period_users
+              from public.usage_last_active
+              where last_hour >= least($5, $6) and end_user <> $7
+            )
+            select b.*, u.*,
+              (select count(*) from public.profiles p
+               join public.tiers t on t.name = p.tier
+               join public.usage_counters c on c.end_user = p.id and c.period_start = $6
+               where t.token_limit is not null and c.used >= t.token_limit) as at_limit
+            from b, u
+            """,
+            since,
+            _FAR,
+            db_today,
+            db_hour,
+            today,
+            period_start,
+            NIL_USER,
         )
-        select
-          coalesce(sum(requests) filter (where bucket_start >= $1), 0)::bigint as today_requests,
-          coalesce(sum(total_tokens) filter (where bucket_start >= $1), 0)::bigint
-            as today_tokens,
-          coalesce(sum(cost) filter (where bucket_start >= $1), 0) as today_cost,
-          (select count(distinct end_user) from public.usage_aggregates
-           where granularity = 'day' and bucket_start >= $1 and end_user <> $3) as today_users,
-          coalesce(sum(requests) filter (where bucket_start >= $2), 0)::bigint
-            as period_requests,
-          coalesce(sum(total_tokens) filter (where bucket_start >= $2), 0)::bigint
-            as period_tokens,
-          coalesce(sum(cost) filter (where bucket_start >= $2), 0) as period_cost,
-          -- distinct users can't be summed per day: an index-only count over the period
-          (select count(distinct end_user) from public.usage_aggregates
-           where granularity = 'day' and bucket_start >= $2 and end_user <> $3) as period_users
-        from days
-        """,
-        today,
-        period_start,
-        NIL_USER,
-        since,
-    )
-    at_limit = await pool.fetchval(
-        """
-        select count(*) from public.profiles p
-        join public.tiers t on t.name = p.tier
-        join public.usage_counters c on c.end_user = p.id and c.period_start = $1
-        where t.token_limit is not null and c.used >= t.token_limit
-        """,
-        period_start,
-    )
     t = dict(totals)
     return {
         "period": period,
         "period_start": period_start,
         "today": {k[6:]: t[k] for k in t if k.startswith("today_")},
         "this_period": {k[7:]: t[k] for k in t if k.startswith("period_")},
-        "users_at_limit": at_limit,
+        "users_at_limit": t["at_limit"],
         "balances": await balances.read(pool),
     }
 
@@ -116,39 +200,26 @@ async def series(pool: asyncpg.Pool, days: int, now: datetime | None = None) -> 
     end = _day(now) + timedelta(days=1)
     start = end - timedelta(days=days)
     if granularity == "hour":
-        buckets = """
-          select bucket_start, model, requests, failures, refusals, prompt_tokens,
-                 completion_tokens, total_tokens, cost
-          from public.usage_aggregates
-          where granularity = 'hour' and bucket_start >= $1 and bucket_start < $2"""
+        buckets, key = _HOURS, "bucket_start"
     else:
-        # Closed days from usage_rollups (built here the first time a day is asked for),
-        # today from the live buckets.
-        await pool.execute("select public.vtai_usage_rollups_fill($1, $2)", start, end)
-        buckets = """
-          select bucket_start, model, requests, failures, refusals, prompt_tokens,
-                 completion_tokens, total_tokens, cost
-          from public.usage_rollups
-          where bucket_start >= $1::timestamptz and bucket_start < least($2::timestamptz, $3)
-            and not (model = '' and requests = 0)
-          union all
-          select bucket_start, model, requests, failures, refusals, prompt_tokens,
-                 completion_tokens, total_tokens, cost
-          from public.usage_aggregates
-          where granularity = 'day' and bucket_start >= greatest($1, $3) and bucket_start < $2"""
-    args = (start, end) if granularity == "hour" else (start, end, _day(datetime.now(UTC)))
-    sums = await pool.fetch(
-        f"""
-        select bucket_start, model, sum(requests)::bigint as requests,
-               sum(failures)::bigint as failures, sum(refusals)::bigint as refusals,
-               sum(prompt_tokens)::bigint as prompt_tokens,
-               sum(completion_tokens)::bigint as completion_tokens,
-               sum(total_tokens)::bigint as tokens, sum(cost) as cost
-        from ({buckets}) b
-        group by bucket_start, model
-        """,
-        *args,
-    )
+        buckets, key = _BUCKETS, "day"
+    async with pool.acquire() as conn:
+        db_today, db_hour = await _filled(conn, start, end, start if key != "day" else None)
+        sums = await conn.fetch(
+            f"""
+            select {key} as bucket_start, model, sum(requests)::bigint as requests,
+                   sum(failures)::bigint as failures, sum(refusals)::bigint as refusals,
+                   sum(prompt_tokens)::bigint as prompt_tokens,
+                   sum(completion_tokens)::bigint as completion_tokens,
+                   sum(total_tokens)::bigint as tokens, sum(cost) as cost
+            from ({buckets}) b
+            group by 1, 2
+            """,
+            start,
+            end,
+            db_today,
+            db_hour,
+        )
     zero = {"requests": 0, "failures": 0, "refusals": 0, "prompt_tokens": 0}
     zero |= {"completion_tokens": 0, "cost": 0}
     per_bucket: dict[datetime, dict] = {}
@@ -183,20 +254,25 @@ MODELS_DAYS = 366
 
 
 async def models(pool: asyncpg.Pool) -> list[str]:
-    """The models with traffic in the last MODELS_DAYS days: from the daily rollups and
-    today's buckets, not a scan of every user's buckets."""
-    end = _day(datetime.now(UTC))
+    """The models with traffic in the last MODELS_DAYS days: from the rollups and the current
+    hour's buckets, not a scan of every user's buckets."""
+    end = _day(datetime.now(UTC)) + timedelta(days=1)
     start = end - timedelta(days=MODELS_DAYS)
-    await pool.execute("select public.vtai_usage_rollups_fill($1, $2)", start, end)
-    rows = await pool.fetch(
-        "select model from public.usage_rollups where bucket_start >= $1 and requests > 0"
-        " union select model from public.usage_aggregates"
-        " where granularity = 'day' and bucket_start >= $2"
-        " order by model",
-        start,
-        end,
-    )
+    async with pool.acquire() as conn:
+        db_today, db_hour = await _filled(conn, start, end)
+        rows = await conn.fetch(
+            f"select distinct model from ({_BUCKETS}) b where requests > 0 order by model",
+            start,
+            end,
+            db_today,
+            db_hour,
+        )
     return [r["model"] for r in rows]
+
+
+def _prefix(q: str) -> str:
+    """`q` as a LIKE pattern matching names that start with it (its wildcards literal)."""
+    return q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 async def user_table(
@@ -205,9 +281,11 @@ async def user_table(
     now: datetime | None = None,
     after: str | None = None,
     limit: int | None = None,
+    q: str | None = None,
 ) -> dict:
-    """Every user by name; or, with `limit`, one keyset page of them after the name `after`
-    (each user costs an index probe for their last activity: 10^4 of them take ~0.3 s)."""
+    """Every user by name; or, with `limit`, one keyset page of them after the name `after`;
+    `q`: only names starting with it, in any case. Last activity is one primary-key probe
+    (usage_last_active), never a walk of the user's buckets."""
     now = now or datetime.now(UTC)
     rows = await pool.fetch(
         """
@@ -215,7 +293,9 @@ async def user_table(
                coalesce(c.used, 0) as used,
                case when t.token_limit is null then null
                     else greatest(t.token_limit - coalesce(c.used, 0), 0) end as remaining,
-               last.bucket_start as last_active
+               -- one primary-key probe per user listed
+               (select la.last_hour from public.usage_last_active la
+                where la.end_user = p.id) as last_active
         from public.profiles p
         join public.tiers t on t.name = p.tier
         left join public.usage_counters c
@@ -224,13 +304,8 @@ async def user_table(
             when $1 = 'billing' then
               (select up.period_start from public.vtai_user_period(p.id, $1, $2) up)
             else public.vtai_period_start($1, $2) end
-        -- the newest hour bucket: one index probe per user, never a scan of the ledger
-        left join lateral (
-          select a.bucket_start from public.usage_aggregates a
-          where a.end_user = p.id and a.granularity = 'hour'
-          order by a.bucket_start desc limit 1
-        ) last on true
-        where $3::text is null or p.username > $3::text
+        where ($3::text is null or p.username > $3::text)
+          and ($5::text is null or lower(p.username) like lower($5::text))
         order by p.username
         limit $4
         """,
@@ -238,6 +313,7 @@ async def user_table(
         now,
         after,
         limit,
+        _prefix(q) if q else None,
     )
     tiers = await pool.fetch("select name, token_limit from public.tiers order by rank, name")
     return {"users": [dict(r) for r in rows], "tiers": [dict(r) for r in tiers]}
@@ -304,8 +380,45 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
     return parsed, key
 
 
-def log_query(f: LogFilter, cursor: str | None, limit: int) -> tuple[str, list]:
-    """The keyset query for up to `limit` rows older than `cursor`, newest first."""
+_LOG_SELECT = """
+        select r.id, r.created_at, p.username, r.end_user, r.model, r.provider, r.status,
+               r.prompt_tokens, r.completion_tokens, r.total_tokens,
+               -- null: the model has no price in LiteLLM's map, so the cost is unknown
+               case when r.additional_details @> '{"cost_unknown": true}' then null
+                    else r.total_cost end as total_cost,
+               r.response_time,
+               coalesce((r.error ->> 'class') || ': ' || left(r.error ->> 'message', 200),
+                        r.additional_details ->> 'reason') as error
+        from public.request_logs r
+        left join public.profiles p on p.id = r.end_user"""
+
+
+# r.created_at as datetime.isoformat() writes it in UTC: microseconds only when there are some.
+ISO_CREATED_AT = """to_char(r.created_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+    || case when to_char(r.created_at at time zone 'UTC', 'US') = '000000' then ''
+            else '.' || to_char(r.created_at at time zone 'UTC', 'US') end
+    || '+00:00'"""
+
+# A log page's columns as its JSON holds them (the text of the time and the user id, the cost
+# as a float), so encoding a page calls no Python per value.
+_LOG_JSON_SELECT = f"""
+        select r.id, {ISO_CREATED_AT} as created_at, p.username, r.end_user::text as end_user,
+               r.model, r.provider, r.status,
+               r.prompt_tokens, r.completion_tokens, r.total_tokens,
+               case when r.additional_details @> '{{"cost_unknown": true}}' then null
+                    else r.total_cost::float8 end as total_cost,
+               r.response_time,
+               coalesce((r.error ->> 'class') || ': ' || left(r.error ->> 'message', 200),
+                        r.additional_details ->> 'reason') as error
+        from public.request_logs r
+        left join public.profiles p on p.id = r.end_user"""
+
+
+def log_query(
+    f: LogFilter, cursor: str | None, limit: int, select: str = _LOG_SELECT
+) -> tuple[str, list]:
+    """The keyset query for up to `limit` rows older than `cursor`, newest first. `select`:
+    the columns and joins (`r`: request_logs), as the CSV export renders them."""
     where: list[str] = []
     args: list = []
 
@@ -317,7 +430,11 @@ def log_query(f: LogFilter, cursor: str | None, limit: int) -> tuple[str, list]:
         where.append(f"r.end_user = {arg(f.user)}")
     if f.model:
         where.append(f"r.model = {arg(f.model)}")
-    if f.status:
+    if f.status in STATUSES:
+        # A literal from the fixed list, not a parameter: a prepared statement's generic plan
+        # can then still prove the partial index's `status <> 'success'` for a failure page.
+        where.append(f"r.status = '{f.status}'")
+    elif f.status:
         where.append(f"r.status = {arg(f.status)}")
     if f.start:
         where.append(f"r.created_at >= {arg(_utc_midnight(f.start))}")
@@ -326,17 +443,7 @@ def log_query(f: LogFilter, cursor: str | None, limit: int) -> tuple[str, list]:
     if cursor:
         at, row_id = decode_cursor(cursor)
         where.append(f"(r.created_at, r.id) < ({arg(at)}, {arg(row_id)})")
-    sql = f"""
-        select r.id, r.created_at, p.username, r.end_user, r.model, r.provider, r.status,
-               r.prompt_tokens, r.completion_tokens, r.total_tokens,
-               -- null: the model has no price in LiteLLM's map, so the cost is unknown
-               case when r.additional_details @> '{{"cost_unknown": true}}' then null
-                    else r.total_cost end as total_cost,
-               r.response_time,
-               coalesce((r.error ->> 'class') || ': ' || left(r.error ->> 'message', 200),
-                        r.additional_details ->> 'reason') as error
-        from public.request_logs r
-        left join public.profiles p on p.id = r.end_user
+    sql = f"""{select}
         {"where " + " and ".join(where) if where else ""}
         order by r.created_at desc, r.id desc
         limit {arg(limit + 1)}
@@ -348,12 +455,14 @@ async def log_page(
     pool: asyncpg.Pool, f: LogFilter, cursor: str | None = None, limit: int = PAGE_SIZE
 ) -> dict:
     """Up to `limit` rows older than `cursor`, newest first, and the cursor of the next page."""
-    sql, args = log_query(f, cursor, limit)
+    sql, args = log_query(f, cursor, limit, select=_LOG_JSON_SELECT)
     rows = await pool.fetch(sql, *args)
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1] if rows else None
     return {
         "rows": [dict(r) for r in rows],
-        "next_cursor": encode_cursor(last["created_at"], last["id"]) if more else None,
+        "next_cursor": (
+            encode_cursor(datetime.fromisoformat(last["created_at"]), last["id"]) if more else None
+        ),
     }
