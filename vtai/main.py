@@ -1,5 +1,6 @@
 """Chainlit entry point: `chainlit run vtai/main.py`. Handlers only; the work is in vtai.ui.chat."""
 
+import gc
 import os
 
 import chainlit as cl
@@ -40,6 +41,11 @@ uploads.install(chainlit.server.app)
 @cl.on_app_startup
 async def on_app_startup():
     await chat.startup()
+    # What start-up loaded (Chainlit, LiteLLM, its price map...) lives as long as the process:
+    # frozen out of the collector's sight, a full collection no longer walks it and stalls
+    # every request for ~200 ms (docs/architecture.md, "Start-up frozen for the collector").
+    gc.collect()
+    gc.freeze()
 
 
 @cl.on_app_shutdown
