@@ -578,14 +578,13 @@ def section(data: dict, rows: int, export_rows: int) -> common.Section:
         "middleware compresses at level 9, 13 MB/s here); the origin check no longer hops "
         "to a worker thread. The admin's profile is still read from the database on every "
         "request (nothing cached: a demoted admin's next request is refused).",
-        "Stalls: a full (generation 2) garbage collection of the app process, which holds "
-        "~440,000 objects after start-up, takes 210-250 ms (timed with `gc.callbacks`, and "
-        "seen to coincide with the stall); one came in each run of this benchmark while "
-        "tuning it (~2,500 requests), and the route it lands in has its ~10 requests in "
-        "flight held, which is that route's p95. `gc.freeze()` once start-up is done (in "
-        "`vtai/main.py`, outside this change) leaves those objects out of every collection: "
-        "a run with it (applied from outside the app, as an experiment) had no stall and "
-        "every target met (worst p95: 63 ms for a dashboard route, 22 ms for a log page).",
+        "Stalls: before `gc.freeze()` after start-up (`vtai/main.py`), a full (generation "
+        "2) garbage collection of the app process, which holds ~440,000 objects after "
+        "start-up, took 210-250 ms (timed with `gc.callbacks`, and seen to coincide with the "
+        "stall); one came in each run of this benchmark (~2,500 requests), and the route it "
+        "landed in had its ~10 requests in flight held: that route's p95 (220 ms for "
+        "balances in the run before this one). Frozen, start-up's objects are left out of "
+        "every collection.",
         "CSV: Postgres renders each cell as the text the app's Python writer used to "
         "(byte-identical; `tests/admin/test_scale_reads.py` compares them on awkward "
         "values); the app joins cells with `csv.writer` (C), fetches the next 5,000-row "
