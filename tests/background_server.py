@@ -22,7 +22,9 @@ class BackgroundServer:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        runner = web.AppRunner(self.build_app())
+        # A stand-in stops at once: a connection a test left open (a keep-alive, a stream
+        # cut mid-answer) gets half a second, not aiohttp's 60 s (which stop() cut at 10).
+        runner = web.AppRunner(self.build_app(), shutdown_timeout=0.5)
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())

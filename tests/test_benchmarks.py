@@ -57,6 +57,7 @@ async def test_gate_rules(bench_db):
     assert "| rules | commit |" in s.markdown()
 
 
+@pytest.mark.slow
 async def test_turn_overhead(bench_db):
     s = await turn_overhead.bench(bench_db, [(1, 200), (3, 200)], turns=6, rounds=2)
     assert [d["turns"] for d in s.data["levels"].values()] == [6, 6]
@@ -89,6 +90,7 @@ async def test_ingest(bench_db):
     assert s.data["reserved"] == 0 and s.data["reservations"] == 0
 
 
+@pytest.mark.slow
 async def test_processes(bench_db):
     s = await processes.bench(bench_db, processes=2, users=4, limited=2, seconds=1)
     d = s.data

@@ -56,6 +56,7 @@ async def attempt(http, name: str, password: str, addr: str) -> tuple[httpx.Resp
     return r, time.monotonic() - started
 
 
+@pytest.mark.slow
 async def test_parallel_password_guesses_are_throttled(app, db):
     base, _ = app
     user = await add_user(db, f"t{uuid.uuid4().hex[:6]}")
@@ -81,6 +82,7 @@ async def test_parallel_password_guesses_are_throttled(app, db):
     assert r.status_code == 200 and t >= 5.0, (r.status_code, t)
 
 
+@pytest.mark.slow
 async def test_guesses_spread_over_names_are_throttled_per_address(app, db):
     base, _ = app
     addr = fake_addr()
