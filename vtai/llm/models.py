@@ -6,11 +6,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-import litellm  # noqa: E402 - the env var above must be set before this import
-
-from vtai.settings import Settings, provider_keys  # noqa: E402
+from vtai.settings import Settings, provider_keys
 
 LOCAL_MODEL_ID = "local/smollm2-135m"
 
@@ -148,6 +144,9 @@ def validate_model_id(model: str) -> str | None:
     """None when LiteLLM can route `model`, else a one-line reason."""
     if model == LOCAL_MODEL_ID:
         return None
+    # Imported where used: LiteLLM takes ~2 s to import, which every `vtai` command paid.
+    import litellm
+
     try:
         litellm.get_llm_provider(model)
     except Exception:
@@ -164,6 +163,8 @@ def context_window(model: str) -> int:
         from vtai.llm.local_model import CONTEXT_WINDOW
 
         return CONTEXT_WINDOW
+    import litellm
+
     try:
         info = litellm.get_model_info(model)
         return int(info.get("max_input_tokens") or info.get("max_tokens") or 8192)
