@@ -113,8 +113,13 @@ async def test_counters_move_after_a_metered_turn_a_refusal_and_a_provider_error
     def moved(after, name, **labels) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
+    # The rows are written off the reply's path, by more than one writer: wait for all three.
     after = await scrape_until(
-        app, lambda s: value(s, "vtai_ledger_rows_total", status="failure") >= 1
+        app,
+        lambda s: all(
+            moved(s, "vtai_ledger_rows_total", status=status) >= 1
+            for status in ("success", "refused", "failure")
+        ),
     )
     turn = {"model": MODEL, "source": "api"}
     assert moved(after, "vtai_turns_total", status="answered", **turn) == 1
