@@ -589,84 +589,48 @@ def summarize(data: dict) -> common.Section:
     rows = []
     ideal_first = data["latency_ms"] / 1000
     ideal_last = ideal_first + (data["chunks"] - 1) * data["gap_ms"] / 1000
+
+    def add(load: str, sides: dict, compare: bool) -> None:
+        """A row per server; VT.ai's `added` columns against the bare app's, if `compare`."""
+        b = sides.get("bare")
+        for side in SIDES:
+            s = sides.get(side)
+            if s is None:
+                continue
+            added = (
+                [ms(s[m] - b[m]) for m in ("first_p50", "first_p99", "last_p50", "last_p99")]
+                if compare and side == "vtai" and b
+                else ["—"] * 4
+            )
+            rows.append(
+                [
+                    load,
+                    NAMES[side],
+                    f"{s['turns']:,}",
+                    f"{s['turns_per_s']:.1f}",
+                    ms(s["first_p50"]),
+                    ms(s["first_p99"]),
+                    ms(s["last_p50"]),
+                    ms(s["last_p99"]),
+                    *added,
+                    cpu_cell(s),
+                    f"{s['client_cores']:.2f}",
+                    str(s["errors"]),
+                ]
+            )
+
     for key, sides in data["levels"].items():
         chats, _, think = key.partition("@")
-        for side in SIDES:
-            s = sides.get(side)
-            if s is None:
-                continue
-            b = sides.get("bare") if side == "vtai" else None
-            added = (
-                [ms(s[m] - b[m]) for m in ("first_p50", "first_p99", "last_p50", "last_p99")]
-                if b
-                else ["—"] * 4
-            )
-            rows.append(
-                [
-                    f"{chats} chats, a message every ~{think} s",
-                    NAMES[side],
-                    f"{s['turns']:,}",
-                    f"{s['turns_per_s']:.1f}",
-                    ms(s["first_p50"]),
-                    ms(s["first_p99"]),
-                    ms(s["last_p50"]),
-                    ms(s["last_p99"]),
-                    *added,
-                    cpu_cell(s),
-                    f"{s['client_cores']:.2f}",
-                    str(s["errors"]),
-                ]
-            )
+        add(f"{chats} chats, a message every ~{think} s", sides, True)
     if data["local"]:
         chats, think = data["local_spec"]
-        b = data["local"].get("bare")
-        for side in SIDES:
-            s = data["local"].get(side)
-            if s is None:
-                continue
-            added = (
-                [ms(s[m] - b[m]) for m in ("first_p50", "first_p99", "last_p50", "last_p99")]
-                if side == "vtai" and b
-                else ["—"] * 4
-            )
-            rows.append(
-                [
-                    f"{chats} chats on the local model, a message every ~{think:g} s",
-                    NAMES[side],
-                    f"{s['turns']:,}",
-                    f"{s['turns_per_s']:.1f}",
-                    ms(s["first_p50"]),
-                    ms(s["first_p99"]),
-                    ms(s["last_p50"]),
-                    ms(s["last_p99"]),
-                    *added,
-                    cpu_cell(s),
-                    f"{s['client_cores']:.2f}",
-                    str(s["errors"]),
-                ]
-            )
+        add(f"{chats} chats on the local model, a message every ~{think:g} s", data["local"], True)
     for procs, sides in data["saturation"].items():
-        for side in SIDES:
-            s = sides.get(side)
-            if s is None:
-                continue
-            rows.append(
-                [
-                    f"saturation, {data['saturation_chats']} chats back to back, "
-                    f"{procs} process{'es' if procs != '1' else ''}",
-                    NAMES[side],
-                    f"{s['turns']:,}",
-                    f"{s['turns_per_s']:.1f}",
-                    ms(s["first_p50"]),
-                    ms(s["first_p99"]),
-                    ms(s["last_p50"]),
-                    ms(s["last_p99"]),
-                    *["—"] * 4,
-                    cpu_cell(s),
-                    f"{s['client_cores']:.2f}",
-                    str(s["errors"]),
-                ]
-            )
+        load = (
+            f"saturation, {data['saturation_chats']} chats back to back, "
+            f"{procs} process{'es' if procs != '1' else ''}"
+        )
+        add(load, sides, False)
     errors = [
         f"{NAMES[side]} {where}: {s['errors']} ({s['first_error']})"
         for where, sides in [
